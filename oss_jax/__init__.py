@@ -1,0 +1,8 @@
+"""oss-jax: OpenAI's gpt-oss models in JAX/Flax NNX, small enough to read."""
+
+from oss_jax.checkpoint import CheckpointError
+from oss_jax.config import GPT_OSS_20B, GPT_OSS_120B, PRESETS, Config
+from oss_jax.load import load
+from oss_jax.model import GptOss
+
+__all__ = ["CheckpointError", "Config", "GptOss", "GPT_OSS_20B", "GPT_OSS_120B", "PRESETS", "load"]

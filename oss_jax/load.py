@@ -1,0 +1,208 @@
+"""``oss_jax.load``: a model from a checkpoint directory, a converted orbax checkpoint, or the hub.
+
+Every source is read one tensor at a time into an abstract model (built with ``nnx.eval_shape``,
+so no memory is spent on initial weights): peak memory is the final model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from oss_jax import checkpoint, mxfp4
+from oss_jax.checkpoint import CheckpointError, Path_
+from oss_jax.config import Config
+from oss_jax.model import GptOss
+
+ORBAX_MARKER = "oss_jax.json"
+ORBAX_FORMAT = "oss-jax/orbax"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def load(source: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16", experts: str = "auto",
+         revision: str | None = None, progress: bool = False) -> GptOss:
+    """Load a gpt-oss model.
+
+    Args:
+      source: a Hugging Face checkpoint directory (one or sharded safetensors, MXFP4 or dense
+        experts), OpenAI's ``original/`` directory, a directory written by ``oss-jax convert``,
+        or a hub repo id such as ``"openai/gpt-oss-20b"`` (downloaded with ``huggingface_hub``;
+        ``HF_HUB_OFFLINE=1`` restricts it to the local cache).
+      dtype: parameter dtype, ``"bfloat16"`` (default) or ``"float32"``.
+      experts: ``"auto"`` keeps MXFP4 experts packed (decoded on the fly) and dense ones dense;
+        ``"dense"`` dequantizes packed experts to ``dtype`` at load; ``"packed"`` insists on MXFP4.
+      revision: hub revision, for repo ids.
+      progress: show a progress bar.
+
+    Returns:
+      A ``GptOss`` module: ``model(tokens [B, T] int32) -> logits [B, T, V] float32``.
+    """
+    dtype = _float_dtype(dtype)
+    if experts not in ("auto", "packed", "dense"):
+        raise ValueError(f"experts must be 'auto', 'packed' or 'dense', got {experts!r}")
+    path = resolve(source, revision)
+    if (path / ORBAX_MARKER).exists():
+        cfg, stored_packed, groups = open_orbax(path)
+        tensors: Iterable[tuple[Path_, np.ndarray]] = read_orbax(path, groups)
+        total = None
+    else:
+        src = checkpoint.open_checkpoint(path)
+        cfg, stored_packed = src.config, src.mxfp4
+        tensors = (pa for name, arr in src.hf_tensors() for pa in checkpoint.to_params(cfg, name, arr))
+        total = len(src)
+    if experts == "packed" and not stored_packed:
+        raise CheckpointError(f"{path}: experts='packed' needs MXFP4 experts, this checkpoint stores them dense")
+    packed = stored_packed and experts != "dense"
+    if progress:
+        tensors = _progress(tensors, total, f"loading {path.name}")
+    return build(cfg, tensors, packed=packed, stored_packed=stored_packed, dtype=dtype)
+
+
+def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray]], *, packed: bool,
+          stored_packed: bool, dtype=jnp.bfloat16) -> GptOss:
+    """Fill an abstract ``GptOss`` from ``(parameter path, array)`` pairs, one at a time.
+
+    Float arrays are cast to ``dtype``; packed expert bytes are kept, or decoded when
+    ``stored_packed and not packed``. Every parameter must arrive exactly once.
+    """
+    model = nnx.eval_shape(lambda: GptOss(cfg, packed=packed, dtype=dtype))
+    variables = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Variable)}
+    filled: set[Path_] = set()
+    pending: dict[Path_, np.ndarray] = {}  # packed halves waiting for their partner (dense mode)
+
+    def put(path: Path_, arr: np.ndarray) -> None:
+        var = variables.get(path)
+        if var is None:
+            raise CheckpointError(f"no model parameter for {'.'.join(map(str, path))}")
+        if path in filled:
+            raise CheckpointError(f"parameter {'.'.join(map(str, path))} given twice")
+        want = var.value
+        if tuple(arr.shape) != tuple(want.shape):
+            raise CheckpointError(f"parameter {'.'.join(map(str, path))}: shape {arr.shape}, "
+                                  f"expected {want.shape}")
+        if want.dtype != arr.dtype:
+            arr = arr.astype(want.dtype)
+        var.value = jax.device_put(arr)
+        filled.add(path)
+
+    for path, arr in tensors:
+        name = path[-1]
+        if stored_packed and not packed and name in ("gate_up_blocks", "gate_up_scales",
+                                                    "down_blocks", "down_scales"):
+            proj, part = name.rsplit("_", 1)
+            other = path[:-1] + (f"{proj}_{'scales' if part == 'blocks' else 'blocks'}",)
+            if other not in pending:
+                pending[path] = arr
+                continue
+            partner = pending.pop(other)
+            blocks, scales = (arr, partner) if part == "blocks" else (partner, arr)
+            dense = "gate_up_EDF2" if proj == "gate_up" else "down_EFD"
+            w = mxfp4.decode(blocks, scales, dtype)
+            put(path[:-1] + (dense,), np.asarray(jnp.swapaxes(w, -1, -2)))
+            continue
+        put(path, arr)
+    missing = [p for p in variables if p not in filled]
+    if missing or pending:
+        first = missing[0] if missing else next(iter(pending))
+        raise CheckpointError(f"checkpoint has no value for parameter {'.'.join(map(str, first))}")
+    return model
+
+
+# -- sources -------------------------------------------------------------------------------------
+def resolve(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory for ``source``: the path itself, or a hub snapshot for a repo id."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
+        return path
+    text = str(source)
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"{text}: no such directory (and not a hub repo id like 'openai/gpt-oss-20b')")
+    return download(text, revision)
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch a checkpoint's config and safetensors from the hub (or the cache when offline)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError("loading from the hub needs `pip install huggingface_hub`") from None
+    try:
+        snap = snapshot_download(repo_id, revision=revision,
+                                 allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"],
+                                 ignore_patterns=["original/*", "metal/*"])
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{repo_id}: not in the local hub cache and downloads are off "
+                              f"(HF_HUB_OFFLINE is set or the hub is unreachable)") from None
+    except Exception as e:  # network, auth, missing repo: one line, no traceback
+        raise CheckpointError(f"{repo_id}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return Path(snap)
+
+
+def open_orbax(path: Path) -> tuple[Config, bool, list[str]]:
+    """Read and check the marker and config of a converted checkpoint."""
+    try:
+        meta = json.loads((path / ORBAX_MARKER).read_text())
+        assert meta["format"] == ORBAX_FORMAT and isinstance(meta["groups"], list)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"{path / ORBAX_MARKER}: not an oss-jax checkpoint marker") from None
+    try:
+        cfg = Config.from_json(path)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    for g in meta["groups"]:
+        if not (path / "params" / g).is_dir():
+            raise CheckpointError(f"{path / 'params' / g}: missing parameter group")
+    return cfg, meta["experts"] == "mxfp4", meta["groups"]
+
+
+def read_orbax(path: Path, groups: list[str]) -> Iterator[tuple[Path_, np.ndarray]]:
+    """Yield ``(parameter path, numpy array)`` from a converted checkpoint, one group at a time."""
+    import orbax.checkpoint as ocp
+
+    ckpt = ocp.StandardCheckpointer()
+    for g in groups:
+        try:
+            tree = ckpt.restore(path / "params" / g)
+        except Exception as e:
+            raise CheckpointError(f"{path / 'params' / g}: unreadable ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        prefix: Path_ = ("layers", int(g.split(".")[1])) if g.startswith("layers.") else ()
+        for keys, arr in _flatten(tree):
+            yield prefix + keys, np.asarray(arr)
+        del tree
+
+
+def _flatten(tree: dict, prefix: Path_ = ()) -> Iterator[tuple[Path_, np.ndarray]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _float_dtype(dtype) -> jnp.dtype:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+    if dt not in (jnp.bfloat16, jnp.float32, jnp.float16):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dt}")
+    return dt
+
+
+def _progress(items: Iterable, total: int | None, desc: str) -> Iterable:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="tensor")
+

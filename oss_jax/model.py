@@ -1,0 +1,274 @@
+"""gpt-oss in Flax NNX: the whole forward pass of SPEC.md §2 in one file.
+
+Shapes in names: B batch, T query positions, S key positions, D hidden, N query heads,
+K key/value heads, G = N/K query heads per KV head, H head dim, E experts, k experts per token,
+F expert hidden units, V vocabulary.
+
+Precision policy: parameters in ``dtype`` (bf16 by default); RMSNorm, RoPE, attention softmax,
+the router and the expert mixing weights in float32; logits returned in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from oss_jax import mxfp4, rope
+from oss_jax.config import Config
+
+f32 = jnp.float32
+
+
+class Packed(nnx.Variable):
+    """Packed MXFP4 bytes (blocks or scales): state, but not a trainable parameter."""
+
+
+def _param(shape: tuple[int, ...], dtype, rngs: nnx.Rngs | None, std: float = 0.02) -> nnx.Param:
+    if rngs is None:
+        return nnx.Param(jnp.zeros(shape, dtype))
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, f32)).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    """``x * rsqrt(mean(x^2) + eps) * scale`` in float32, cast back (no ``1 + scale``)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.bfloat16):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(f32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(f32)).astype(x.dtype)
+
+
+def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, sinks_N: jax.Array,
+              q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None) -> jax.Array:
+    """Grouped-query attention with learned sinks, causal, optionally sliding.
+
+    A key at position ``s`` is visible to a query at ``t`` when ``0 <= t - s < window``
+    (the window counts the query itself). The sink ``s_h`` is an extra logit column that takes
+    probability mass and contributes no value: ``p = exp(l) / (exp(s_h) + sum exp(l))``.
+    Keys with negative positions are treated as padding and never visible.
+
+    Returns ``[B, T, N, H]`` in the dtype of ``v``.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=f32) * (H ** -0.5)
+    delta = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]  # [B, T, S]
+    visible = (delta >= 0) & (k_pos_BS[:, None, :] >= 0)
+    if window is not None:
+        visible &= delta < window
+    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
+    sink = sinks_N.astype(f32).reshape(1, K, N // K, 1, 1)
+    m = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
+    p = jnp.exp(logits - m)
+    probs = p / (jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - m))
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BSKH.dtype), v_BSKH,
+                     preferred_element_type=f32)
+    return out.reshape(B, T, N, H).astype(v_BSKH.dtype)
+
+
+class Attention(nnx.Module):
+    """Self-attention block: biased q/k/v/o projections, YaRN RoPE, sinks, optional window."""
+
+    def __init__(self, cfg: Config, layer: int, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.wq_DNH = _param((D, N, H), dtype, rngs)
+        self.bq_NH = _param((N, H), dtype, rngs)
+        self.wk_DKH = _param((D, K, H), dtype, rngs)
+        self.bk_KH = _param((K, H), dtype, rngs)
+        self.wv_DKH = _param((D, K, H), dtype, rngs)
+        self.bv_KH = _param((K, H), dtype, rngs)
+        self.wo_NHD = _param((N, H, D), dtype, rngs)
+        self.bo_D = _param((D,), dtype, rngs)
+        self.sinks_N = _param((N,), dtype, rngs, std=1.0)
+        self.window = cfg.window(layer)
+        self.rope_args = (H, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_position,
+                          cfg.rope_beta_fast, cfg.rope_beta_slow, cfg.rope_truncate)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...]) + self.bq_NH[...]
+        k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk_DKH[...]) + self.bk_KH[...]
+        v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv_DKH[...]) + self.bv_KH[...]
+        inv_freq, concentration = rope.yarn_inv_freq(*self.rope_args)
+        cos, sin = rope.cos_sin(positions_BT, inv_freq, concentration)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        o = attention(q, k, v, self.sinks_N[...], positions_BT, positions_BT, self.window)
+        return jnp.einsum("btnh,nhd->btd", o, self.wo_NHD[...]) + self.bo_D[...]
+
+
+def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
+    """gpt-oss's clamped SwiGLU on interleaved ``[..., 2F]`` (gate = even, linear = odd) -> ``[..., F]``."""
+    gate, lin = h[..., 0::2], h[..., 1::2]
+    gate = jnp.minimum(gate, limit)
+    lin = jnp.clip(lin, -limit, limit)
+    return gate * jax.nn.sigmoid(alpha * gate) * (lin + 1)
+
+
+class Experts(nnx.Module):
+    """E feed-forward experts. Weights are either dense parameters or MXFP4 packed bytes.
+
+    Packed (the default for MXFP4 checkpoints), weights stay 4.25 bits per value in memory and
+    are decoded on the fly, only for the experts a computation touches:
+
+      * ``"gather"``: each token decodes just its k chosen experts (decode steps: few tokens);
+      * ``"scan"``: a loop over experts decodes one expert at a time and applies it to every
+        token, weighted by that token's gate (zero when not chosen); memory is one expert.
+
+    ``dispatch="auto"`` picks gather when tokens x k < E, else scan.
+    """
+
+    def __init__(self, cfg: Config, *, packed: bool, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.packed = packed
+        if packed:
+            # HF layout [E, out, in/32, 16]: rows are outputs, blocks run along the input.
+            self.gate_up_blocks = Packed(jnp.zeros((E, 2 * F, D // 32, 16), jnp.uint8))
+            self.gate_up_scales = Packed(jnp.full((E, 2 * F, D // 32), 127, jnp.uint8))
+            self.down_blocks = Packed(jnp.zeros((E, D, F // 32, 16), jnp.uint8))
+            self.down_scales = Packed(jnp.full((E, D, F // 32), 127, jnp.uint8))
+        else:
+            self.gate_up_EDF2 = _param((E, D, 2 * F), dtype, rngs)
+            self.down_EFD = _param((E, F, D), dtype, rngs)
+        self.gate_up_bias_EF2 = _param((E, 2 * F), dtype, rngs)
+        self.down_bias_ED = _param((E, D), dtype, rngs)
+        self.dtype = dtype
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+        self.dispatch = "auto"
+
+    def weights(self, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Expert weights for integer indices ``idx [...]``: ``w1 [..., D, 2F]``, ``w2 [..., F, D]``.
+
+        Only the indexed experts are read (and, when packed, decoded).
+        """
+        if self.packed:
+            w1 = mxfp4.decode(self.gate_up_blocks[...][idx], self.gate_up_scales[...][idx], self.dtype)
+            w2 = mxfp4.decode(self.down_blocks[...][idx], self.down_scales[...][idx], self.dtype)
+            return jnp.swapaxes(w1, -1, -2), jnp.swapaxes(w2, -1, -2)
+        return self.gate_up_EDF2[...][idx], self.down_EFD[...][idx]
+
+    def __call__(self, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array) -> jax.Array:
+        """Mix the chosen experts: ``sum_k gates[n, k] * expert_{idx[n, k]}(x[n])`` -> ``[N, D]``."""
+        N, k = idx_Nk.shape
+        E = self.gate_up_bias_EF2.shape[0]
+        mode = self.dispatch
+        if mode == "auto":
+            mode = "gather" if N * k < E else "scan"
+        b1, b2 = self.gate_up_bias_EF2[...], self.down_bias_ED[...]
+        if mode == "gather":
+            w1, w2 = self.weights(idx_Nk)  # [N, k, D, 2F], [N, k, F, D]
+            h = jnp.einsum("nd,nkdf->nkf", x_ND, w1) + b1[idx_Nk]
+            y = jnp.einsum("nkf,nkfd->nkd", swiglu(h, self.limit, self.alpha), w2) + b2[idx_Nk]
+            out = jnp.einsum("nkd,nk->nd", y.astype(f32), gates_Nk)
+        elif mode == "scan":
+            def step(acc_ND, e):
+                w1, w2 = self.weights(e)
+                h = x_ND @ w1 + b1[e]
+                y = swiglu(h, self.limit, self.alpha) @ w2 + b2[e]
+                coef_N = jnp.sum(jnp.where(idx_Nk == e, gates_Nk, 0.0), axis=-1)
+                return acc_ND + coef_N[:, None] * y.astype(f32), None
+
+            out, _ = jax.lax.scan(step, jnp.zeros(x_ND.shape, f32), jnp.arange(E))
+        else:
+            raise ValueError(f"unknown expert dispatch {mode!r} (use 'auto', 'gather' or 'scan')")
+        return out.astype(x_ND.dtype)
+
+
+class MoE(nnx.Module):
+    """Router + experts. Top-k of the router logits first, then a softmax over those k only."""
+
+    def __init__(self, cfg: Config, *, packed: bool, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        self.router_ED = _param((cfg.num_experts, cfg.hidden_size), dtype, rngs)
+        self.router_bias_E = _param((cfg.num_experts,), dtype, rngs)
+        self.experts = Experts(cfg, packed=packed, dtype=dtype, rngs=rngs)
+        self.k = cfg.experts_per_token
+
+    def route(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Router logits ``[B, T, E]`` (float32), chosen experts ``[B, T, k]``, gates ``[B, T, k]``."""
+        logits = jnp.einsum("btd,ed->bte", x_BTD.astype(f32), self.router_ED[...].astype(f32))
+        logits = logits + self.router_bias_E[...].astype(f32)
+        top, idx = jax.lax.top_k(logits, self.k)
+        return logits, idx, jax.nn.softmax(top, axis=-1)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        B, T, D = x_BTD.shape
+        _, idx, gates = self.route(x_BTD)
+        y = self.experts(x_BTD.reshape(B * T, D), idx.reshape(B * T, -1), gates.reshape(B * T, -1))
+        return y.reshape(B, T, D)
+
+
+class Block(nnx.Module):
+    """``x + attn(norm1(x))`` then ``x + moe(norm2(x))``."""
+
+    def __init__(self, cfg: Config, layer: int, *, packed: bool, dtype=jnp.bfloat16,
+                 rngs: nnx.Rngs | None = None):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MoE(cfg, packed=packed, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class GptOss(nnx.Module):
+    """The model. ``model(tokens [B, T] int32) -> logits [B, T, V] float32``.
+
+    Args:
+      cfg: the configuration.
+      packed: keep expert weights as MXFP4 bytes (needs hidden and intermediate sizes divisible
+        by 32); otherwise dense parameters.
+      dtype: parameter and activation dtype.
+      rngs: random initialisation; ``None`` gives zeros (for loading, use ``oss_jax.load``).
+    """
+
+    def __init__(self, cfg: Config, *, packed: bool = False, dtype=jnp.bfloat16,
+                 rngs: nnx.Rngs | None = None):
+        self.config = cfg
+        D, V = cfg.hidden_size, cfg.vocab_size
+        self.embed_VD = _param((V, D), dtype, rngs)
+        self.layers = nnx.List([Block(cfg, i, packed=packed, dtype=dtype, rngs=rngs)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
+        self.unembed_VD = _param((V, D), dtype, rngs)
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+        tokens_BT = self._check_tokens(tokens_BT)
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        return self.forward(tokens_BT, jnp.asarray(positions_BT, jnp.int32))
+
+    @nnx.jit
+    def forward(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        """The compiled forward pass, without input checks: logits ``[B, T, V]`` float32."""
+        x = self.embed_VD[...][tokens_BT]
+        for block in self.layers:
+            x = block(x, positions_BT)
+        x = self.norm(x)
+        return jnp.einsum("btd,vd->btv", x, self.unembed_VD[...], preferred_element_type=f32)
+
+    def _check_tokens(self, tokens) -> jax.Array:
+        """Reject what would otherwise fail silently: wrong rank or dtype, ids out of range."""
+        cfg = self.config
+        if not hasattr(tokens, "shape"):
+            tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+        if tokens.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of "
+                             f"{cfg.max_position_embeddings}")
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+        return jnp.asarray(tokens, jnp.int32)
