@@ -276,7 +276,7 @@ class Source:
     def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(HF name, array)`` one tensor at a time, whatever the on-disk layout."""
         cfg = self.config
-        for name, info in self.tensors.items():
+        for name, info in sorted(self.tensors.items(), key=lambda kv: _layer_order(kv[0])):
             arr = read_tensor(info)
             if self.layout == "hf":
                 yield name, arr
@@ -292,6 +292,15 @@ class Source:
             q, k, v = np.split(arr, [nq, nq + nk], axis=0)
             for proj, part in (("q", q), ("k", k), ("v", v)):
                 yield f"model.layers.{i}.self_attn.{proj}_proj.{kind}", part
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    """Sort key that keeps each layer's tensors together (shards may split a layer)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if parts[i] in ("layers", "block") and parts[i + 1].isdigit():
+            return int(parts[i + 1]), name
+    return -1, name
 
 
 def open_checkpoint(directory: str | Path) -> Source:

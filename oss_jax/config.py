@@ -108,7 +108,12 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def param_counts(self) -> tuple[int, int]:
-        """(total, active per token) parameter counts, embeddings and unembedding included."""
+        """(total, active per token) parameter counts.
+
+        Active counts what one token's forward pass multiplies by: attention, router, k experts,
+        norms and the unembedding, but not the embedding table (a lookup reads one row). This is
+        the convention of OpenAI's model card: 3.6B (20b) and 5.1B (120b).
+        """
         d, f, e, k = self.hidden_size, self.intermediate_size, self.num_experts, self.experts_per_token
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
@@ -117,9 +122,9 @@ class Config:
         router = e * d + e + d
         total_layer = attn + router + e * expert
         active_layer = attn + router + k * expert
-        outer = 2 * self.vocab_size * d + d
+        embed = unembed = self.vocab_size * d
         n = self.num_hidden_layers
-        return outer + n * total_layer, outer + n * active_layer
+        return (embed + unembed + d + n * total_layer, unembed + d + n * active_layer)
 
     # -- reading and writing ----------------------------------------------------------------
     @classmethod

@@ -84,13 +84,13 @@ def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray]], *, packed: b
             raise CheckpointError(f"no model parameter for {'.'.join(map(str, path))}")
         if path in filled:
             raise CheckpointError(f"parameter {'.'.join(map(str, path))} given twice")
-        want = var.value
+        want = var.get_value()
         if tuple(arr.shape) != tuple(want.shape):
             raise CheckpointError(f"parameter {'.'.join(map(str, path))}: shape {arr.shape}, "
                                   f"expected {want.shape}")
         if want.dtype != arr.dtype:
             arr = arr.astype(want.dtype)
-        var.value = jax.device_put(arr)
+        var.set_value(jax.device_put(arr))
         filled.add(path)
 
     for path, arr in tensors:
@@ -177,8 +177,10 @@ def read_orbax(path: Path, groups: list[str]) -> Iterator[tuple[Path_, np.ndarra
         except Exception as e:
             raise CheckpointError(f"{path / 'params' / g}: unreadable ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        prefix: Path_ = ("layers", int(g.split(".")[1])) if g.startswith("layers.") else ()
+        prefix: Path_ = ("layers", int(g.split(".")[1])) if g.startswith("layers.") else (g,)
         for keys, arr in _flatten(tree):
+            if keys == ("value",) and not prefix[0] == "layers":
+                keys = ()
             yield prefix + keys, np.asarray(arr)
         del tree
 
