@@ -5,4 +5,4 @@ from oss_jax.config import GPT_OSS_20B, GPT_OSS_120B, PRESETS, Config
 from oss_jax.load import load
 from oss_jax.model import GptOss
 
-__all__ = ["CheckpointError", "Config", "GptOss", "GPT_OSS_20B", "GPT_OSS_120B", "PRESETS", "load"]
+__all__ = ["GPT_OSS_20B", "GPT_OSS_120B", "PRESETS", "CheckpointError", "Config", "GptOss", "load"]

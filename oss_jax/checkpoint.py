@@ -12,6 +12,7 @@ memory is the model it builds plus the tensor in flight.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -297,9 +298,9 @@ class Source:
 def _layer_order(name: str) -> tuple[int, str]:
     """Sort key that keeps each layer's tensors together (shards may split a layer)."""
     parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if parts[i] in ("layers", "block") and parts[i + 1].isdigit():
-            return int(parts[i + 1]), name
+    for here, after in itertools.pairwise(parts):
+        if here in ("layers", "block") and after.isdigit():
+            return int(after), name
     return -1, name
 
 
