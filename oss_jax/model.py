@@ -10,15 +10,20 @@ the router and the expert mixing weights in float32; logits returned in float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oss_jax import mxfp4, rope
+from oss_jax import attention, mxfp4, rope
+from oss_jax.cache import KVCache, LayerCache
 from oss_jax.config import Config
 
 f32 = jnp.float32
+# Attention materialises [T, S] logits per head up to this many entries, then goes blockwise.
+NAIVE_MAX = 1 << 20
 
 
 class Packed(nnx.Variable):
@@ -44,35 +49,6 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(f32)).astype(x.dtype)
 
 
-def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, sinks_N: jax.Array,
-              q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None) -> jax.Array:
-    """Grouped-query attention with learned sinks, causal, optionally sliding.
-
-    A key at position ``s`` is visible to a query at ``t`` when ``0 <= t - s < window``
-    (the window counts the query itself). The sink ``s_h`` is an extra logit column that takes
-    probability mass and contributes no value: ``p = exp(l) / (exp(s_h) + sum exp(l))``.
-    Keys with negative positions are treated as padding and never visible.
-
-    Returns ``[B, T, N, H]`` in the dtype of ``v``.
-    """
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=f32) * (H ** -0.5)
-    delta = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]  # [B, T, S]
-    visible = (delta >= 0) & (k_pos_BS[:, None, :] >= 0)
-    if window is not None:
-        visible &= delta < window
-    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
-    sink = sinks_N.astype(f32).reshape(1, K, N // K, 1, 1)
-    m = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
-    p = jnp.exp(logits - m)
-    probs = p / (jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - m))
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BSKH.dtype), v_BSKH,
-                     preferred_element_type=f32)
-    return out.reshape(B, T, N, H).astype(v_BSKH.dtype)
-
-
 class Attention(nnx.Module):
     """Self-attention block: biased q/k/v/o projections, YaRN RoPE, sinks, optional window."""
 
@@ -91,15 +67,40 @@ class Attention(nnx.Module):
         self.rope_args = (H, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_position,
                           cfg.rope_beta_fast, cfg.rope_beta_slow, cfg.rope_truncate)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """Attend over the sequence itself, or over cached keys too; returns (out, updated cache).
+
+        A full-attention cache holds every position, so new keys are written first and the
+        queries read the cache. A ring buffer may overwrite keys the chunk's earlier queries still
+        need, so those read ``ring ++ chunk`` and the ring is updated afterwards.
+        """
         q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...]) + self.bq_NH[...]
         k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk_DKH[...]) + self.bk_KH[...]
         v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv_DKH[...]) + self.bv_KH[...]
         inv_freq, concentration = rope.yarn_inv_freq(*self.rope_args)
         cos, sin = rope.cos_sin(positions_BT, inv_freq, concentration)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        o = attention(q, k, v, self.sinks_N[...], positions_BT, positions_BT, self.window)
-        return jnp.einsum("btnh,nhd->btd", o, self.wo_NHD[...]) + self.bo_D[...]
+        if cache is None:
+            keys, values, k_pos = k, v, positions_BT
+        elif cache.ring:
+            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+            k_pos = jnp.concatenate([cache.pos, positions_BT], axis=1)
+            cache = cache.write(k, v, positions_BT)
+        else:
+            cache = cache.write(k, v, positions_BT)
+            keys, values, k_pos = cache.k, cache.v, cache.pos
+        values = values.astype(v.dtype)
+        sinks = self.sinks_N[...]
+        T, S = q.shape[1], keys.shape[1]
+        if T * S <= NAIVE_MAX:  # short: one [T, S] logits matrix is cheapest
+            o = attention.naive(q, keys, values, sinks, positions_BT, k_pos, self.window)
+        elif cache is None:  # long self-attention: tiles, sliding layers visit only their window
+            o = attention.blockwise_causal(q, keys, values, sinks, positions_BT, self.window)
+        else:  # a prefill chunk against a long cache
+            o = attention.blockwise(q, keys, values, sinks, positions_BT, k_pos, self.window)
+        return jnp.einsum("btnh,nhd->btd", o, self.wo_NHD[...]) + self.bo_D[...], cache
 
 
 def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
@@ -212,9 +213,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MoE(cfg, packed=packed, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        h, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cache)
+        x_BTD = x_BTD + h
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
 
 class GptOss(nnx.Module):
@@ -243,16 +246,41 @@ class GptOss(nnx.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        return self.forward(tokens_BT, jnp.asarray(positions_BT, jnp.int32))
+        logits, _ = self.forward(tokens_BT, jnp.asarray(positions_BT, jnp.int32))
+        return logits
 
-    @nnx.jit
-    def forward(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        """The compiled forward pass, without input checks: logits ``[B, T, V]`` float32."""
+    @functools.partial(nnx.jit, static_argnames=("last_only",))
+    def forward(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None,
+                last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+        """``apply``, compiled."""
+        return self.apply(tokens_BT, positions_BT, cache, last_only)
+
+    def apply(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None,
+              last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+        """The forward pass, without input checks (call it inside your own jit or loop).
+
+        Args:
+          tokens_BT: int32 ``[B, T]``.
+          positions_BT: int32 ``[B, T]`` absolute positions; ``-1`` marks padding (never attended to).
+          cache: a ``KVCache`` to read and extend (generation), or None.
+          last_only: return logits for the last position only (``[B, 1, V]``), as a prefill needs.
+
+        Returns:
+          ``(logits [B, T, V] float32, updated cache or None)``.
+        """
         x = self.embed_VD[...][tokens_BT]
-        for block in self.layers:
-            x = block(x, positions_BT)
+        new_layers = []
+        for i, block in enumerate(self.layers):
+            x, layer_cache = block(x, positions_BT, None if cache is None else cache.layers[i])
+            new_layers.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
-        return jnp.einsum("btd,vd->btv", x, self.unembed_VD[...], preferred_element_type=f32)
+        logits = jnp.einsum("btd,vd->btv", x, self.unembed_VD[...], preferred_element_type=f32)
+        if cache is not None:
+            length = jnp.maximum(cache.length, jnp.max(positions_BT, axis=1) + 1)
+            cache = KVCache(layers=new_layers, length=length)
+        return logits, cache
 
     def _check_tokens(self, tokens) -> jax.Array:
         """Reject what would otherwise fail silently: wrong rank or dtype, ids out of range."""
