@@ -1,11 +1,14 @@
-"""The ``oss-jax`` command line."""
+"""The ``oss-jax`` command line: ``convert``, ``generate`` and ``chat``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from oss_jax.checkpoint import CheckpointError
+
+DIM, RESET = "\033[2m", "\033[0m"
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -13,6 +16,103 @@ def _convert(args: argparse.Namespace) -> None:
 
     out = convert(args.src, args.dst, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {out}")
+
+
+def _load(args: argparse.Namespace):
+    import oss_jax
+
+    return oss_jax.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, key=args.seed)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from oss_jax import harmony
+    from oss_jax.generate import PAD, generate
+
+    if args.tokens is not None:
+        prompt = [int(t) for t in args.tokens.replace(",", " ").split()]
+    else:
+        prompt = harmony.encode(args.prompt if args.prompt is not None else sys.stdin.read())
+    model = _load(args)
+    text_of = harmony.decode if model.config.vocab_size == harmony.VOCAB_SIZE else None
+    shown: list[int] = []
+
+    def stream(toks) -> None:
+        if int(toks[0]) == PAD or args.json:
+            return
+        shown.append(int(toks[0]))
+        print(text_of([shown[-1]]) if text_of else f"{shown[-1]} ", end="", flush=True)
+
+    out = generate(model, [prompt], stop_tokens=args.stop, on_token=stream, **_sampling(args))[0]
+    new = [int(t) for t in out if t != PAD]
+    if args.json:
+        print(json.dumps({"prompt_tokens": prompt, "tokens": new, "text": text_of(new) if text_of else None}))
+    else:
+        print()
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from oss_jax.chat import chat
+
+    model = _load(args)
+    color = sys.stdout.isatty() and not args.json
+    history: list = [{"role": "system", "content": args.system}] if args.system else []
+
+    def show(channel: str | None, text: str) -> None:
+        nonlocal current
+        if channel == "analysis" and not args.show_reasoning:
+            return
+        if channel != current:
+            current = channel
+            label = {"analysis": "reasoning", None: "(no channel)"}.get(channel, channel)
+            if channel != "final":
+                print(f"\n{DIM if color else ''}[{label}]{RESET if color else ''} ", end="")
+            else:
+                print("\n" if args.show_reasoning else "", end="")
+        dim = color and channel == "analysis"
+        print(f"{DIM}{text}{RESET}" if dim else text, end="", flush=True)
+
+    def turn(text: str) -> None:
+        nonlocal current
+        current = "start"
+        history.append({"role": "user", "content": text})
+        reply = chat(model, history, effort=args.effort, on_text=None if args.json else show, **_sampling(args))
+        history.extend(m.as_dict() for m in reply.messages if m.role == "assistant")
+        if args.json:
+            print(json.dumps({"analysis": reply.analysis, "final": reply.final, "tokens": reply.tokens,
+                              "messages": [m.as_dict() for m in reply.messages]}))
+        else:
+            print()
+
+    current: str | None = "start"
+    if args.message is not None or not sys.stdin.isatty():
+        turn(args.message if args.message is not None else sys.stdin.read())
+        return
+    print("oss-jax chat: an empty line or Ctrl-D ends the conversation.", file=sys.stderr)
+    while True:
+        try:
+            text = input("\n> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        turn(text)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, converted orbax checkpoint, or hub repo id")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    p.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
+
+    g = sub.add_parser("generate", help="continue raw text or token ids (no chat format)")
+    _model_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text to continue (default: read standard input)")
+    src.add_argument("--tokens", help="token ids to continue, e.g. '1 2 3'")
+    g.add_argument("--stop", type=int, nargs="*", default=[], help="stop token ids")
+    g.set_defaults(func=_generate)
+
+    ch = sub.add_parser("chat", help="chat in the harmony format (one-shot or interactive)")
+    _model_args(ch)
+    ch.add_argument("message", nargs="?", help="one-shot message (default: interactive, or standard input)")
+    ch.add_argument("--effort", default="medium", choices=["low", "medium", "high"])
+    ch.add_argument("--system", help="model identity line of the system message")
+    ch.add_argument("--show-reasoning", action=argparse.BooleanOptionalAction, default=True,
+                    help="show the analysis channel, dimmed and labelled (default: shown)")
+    ch.set_defaults(func=_chat)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
@@ -33,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oss-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"oss-jax {args.command}: interrupted", file=sys.stderr)
+        print(f"\noss-jax {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
 

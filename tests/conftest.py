@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# The harmony vocabulary is rebuilt into a throwaway cache, never the user's ~/.cache.
+os.environ.setdefault("OSS_JAX_CACHE", tempfile.mkdtemp(prefix="oss-jax-test-cache-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np
