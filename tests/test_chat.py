@@ -51,7 +51,7 @@ def test_channel_stream_survives_garbage():
     rng = np.random.default_rng(0)
     stream = ChannelStream()
     for t in rng.integers(0, harmony.VOCAB_SIZE, 500):
-        channel, text = stream.feed(int(t))
+        _, text = stream.feed(int(t))
         assert isinstance(text, str)
 
 

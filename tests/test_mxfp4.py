@@ -178,20 +178,17 @@ def test_encode_representable_values_round_trip_exactly():
 def test_encode_representable_values_other_scales_round_trip():
     """Blocks whose largest value is not +-6 times the scale: values still come back exactly."""
     rng = np.random.default_rng(3)
-    blocks = rng.integers(0, 256, (6, 4, 16), dtype=np.uint8) & 0x55  # codes 0,1,4,5 (+0, .5, 2, 3)
-    scales = rng.integers(100, 151, (6, 4), dtype=np.uint8)
+    blocks = rng.integers(0, 256, (5, 8, 16), dtype=np.uint8) & 0x55  # codes 0,1,4,5 (+0, .5, 2, 3)
+    scales = rng.integers(100, 151, (5, 8), dtype=np.uint8)
     x = np_decode(blocks, scales).astype(np.float32)
     b2, s2 = mxfp4.encode(x)
     assert np.array_equal(np_decode(np.asarray(b2), np.asarray(s2)), x.astype(np.float64))
 
 
-@pytest.mark.parametrize("in_dtype", [np.float32, BF16, np.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("in_dtype", [np.float32, BF16], ids=["f32", "bf16"])
 def test_encode_random_blocks_against_reference(in_dtype):
     rng = np.random.default_rng(4)
-    x = rng.normal(size=(7, 9, 64)) * 10.0 ** rng.uniform(-3, 3, (7, 9, 1))
-    if in_dtype == np.float16:
-        x = x / 1000.0
-    x = x.astype(in_dtype)
+    x = (rng.normal(size=(7, 9, 64)) * 10.0 ** rng.uniform(-3, 3, (7, 9, 1))).astype(in_dtype)
     # block maxima exactly at and one ulp around 6 * 2**k: the scale boundary
     for j, k in enumerate((-3, 0, 5)):
         top = np.float32(6.0 * 2.0 ** k).astype(in_dtype)
@@ -224,15 +221,16 @@ def test_encode_random_blocks_against_reference(in_dtype):
 def test_encode_ties_go_to_even_code():
     mid = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]  # halfway between neighbouring magnitudes
     want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]  # codes 0, 2, 2, 4, 4, 6, 6
-    x = np.zeros(32, np.float32)
+    xs = np.zeros((3, 32), np.float32)  # (3, 32) like the next test: one compilation for both
+    x = xs[0]
     x[0] = 6.0  # scale 2**0
     x[1:8], x[8:15] = mid, -np.array(mid)
     above = np.nextafter(np.array(mid, np.float32), np.float32(np.inf))
     below = np.nextafter(np.array(mid, np.float32), np.float32(0))
     x[15:22], x[22:29] = above, below
-    b, s = mxfp4.encode(x)
-    out = np_decode(np.asarray(b), np.asarray(s))
-    assert int(np.asarray(s)[0]) == 127
+    b, s = mxfp4.encode(xs)
+    out = np_decode(np.asarray(b), np.asarray(s))[0]
+    assert int(np.asarray(s)[0, 0]) == 127
     assert out[1:8].tolist() == want and out[8:15].tolist() == [-w for w in want]
     assert out[15:22].tolist() == [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
     assert out[22:29].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
