@@ -246,6 +246,12 @@ class GptOss(nnx.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        elif np.shape(positions_BT) != (B, T):
+            raise ValueError(f"positions must have the tokens' shape {(B, T)}, got {np.shape(positions_BT)}")
+        elif not isinstance(positions_BT, jax.core.Tracer):
+            last, context = int(np.max(positions_BT)), self.config.max_position_embeddings
+            if last >= context:
+                raise ValueError(f"position {last} is past the model's context of {context}")
         logits, _ = self.forward(tokens_BT, jnp.asarray(positions_BT, jnp.int32))
         return logits
 

@@ -155,6 +155,10 @@ def test_bad_tokens(mxfp4_dir):
         model(np.array([[1.0, 2.0]]))
     with pytest.raises(ValueError, match="exceed the model's context of 2048"):
         model(np.zeros((1, 2049), np.int32))
+    with pytest.raises(ValueError, match="position 2048 is past the model's context of 2048"):
+        model(np.zeros((1, 2), np.int32), np.array([[2047, 2048]]))
+    with pytest.raises(ValueError, match="positions must have the tokens' shape"):
+        model(np.zeros((1, 2), np.int32), np.array([[0, 1, 2]]))
 
 
 def test_interrupted_conversion_leaves_nothing(mxfp4_dir, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import reference as R
+import torch
 
 import oss_jax
 from oss_jax import checkpoint
@@ -41,7 +42,13 @@ def test_real_window_long_sequence():
 
     with tempfile.TemporaryDirectory() as d:
         path = R.save_dense(hf, Path(d) / "w128")
-        assert R.rel_err(logits(path, toks), R.hf_logits(hf, toks)) < TOL
+        model = oss_jax.load(path, dtype="float32")
+    assert R.rel_err(np.asarray(model(toks)), R.hf_logits(hf, toks)) < TOL
+    # The same tokens at the end of the 131072-position context: YaRN at full stretch.
+    pos = np.arange(131072 - 300, 131072)[None]
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(toks), position_ids=torch.as_tensor(pos)).logits.numpy()
+    assert R.rel_err(np.asarray(model(toks, pos)), ref) < TOL
 
 
 def test_mxfp4_parity(mxfp4_dir, tokens):
