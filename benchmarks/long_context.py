@@ -77,7 +77,8 @@ def main() -> None:
         sys.exit(r.stderr)
     m = json.loads(r.stdout.strip().splitlines()[-1])
     naive_layer = m["heads"] * args.tokens * args.tokens * 4
-    rows += [f"| prefill of {args.tokens} tokens (chunks of {args.chunk}) + 2 new tokens: time | {m['seconds']:.1f} s |",
+    what = f"prefill of {args.tokens} tokens (chunks of {args.chunk}) + 2 new tokens"
+    rows += [f"| {what}: time | {m['seconds']:.1f} s |",
              f"| peak RSS of that process (model, cache, compiled code, JAX runtime) | {human(m['peak_kib'] * 1024)} |",
              f"| RSS before generating (model built, JAX loaded) | {human(m['before_kib'] * 1024)} |",
              f"| naive attention logits for ONE layer at {args.tokens} tokens ({m['heads']} heads x T x T x fp32) "
