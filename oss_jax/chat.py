@@ -17,6 +17,7 @@ from oss_jax.generate import PAD, generate
 from oss_jax.model import GptOss
 
 _CLOSERS = (harmony.END, harmony.RETURN, harmony.CALL)
+MAX_HEADER = 16  # tokens; real headers ("assistant<|channel|>final") are a handful
 
 
 class ChannelStream:
@@ -25,7 +26,8 @@ class ChannelStream:
     The completion starts inside a message header (the prompt ended with ``<|start|>assistant``);
     ``<|channel|>`` names the channel, ``<|message|>`` starts the content, ``<|end|>``,
     ``<|return|>`` or ``<|call|>`` closes it and ``<|start|>`` opens the next header. Text that
-    arrives outside that grammar (a small model may write anything) is reported with channel None.
+    arrives outside that grammar (a small model may write anything), including a "header" that
+    runs past ``MAX_HEADER`` tokens without ``<|message|>``, is reported with channel None.
     """
 
     def __init__(self) -> None:
@@ -44,9 +46,11 @@ class ChannelStream:
             self.state, self._content, self._shown = "content", [], 0
         elif token in _CLOSERS:
             self.state = "between"
-        elif self.state == "header":
+        elif self.state == "header" and len(self._header) < MAX_HEADER:
             self._header.append(token)
         else:
+            if self.state == "header":  # no <|message|> in sight: what came was text, not a header
+                self.state, self.channel, self._content, self._shown = "content", None, self._header, 0
             if self.state == "between":  # text outside any message
                 self.state, self.channel, self._content, self._shown = "content", None, [], 0
             self._content.append(token)

@@ -82,6 +82,9 @@ def _chat(args: argparse.Namespace) -> None:
         history.append({"role": "user", "content": text})
         reply = chat(model, history, effort=args.effort, on_text=None if args.json else show, **_sampling(args))
         history.extend(m.as_dict() for m in reply.messages if m.role == "assistant")
+        if current == "start" and not args.json:  # nothing streamed: show what parsing recovered
+            print(reply.final or f"{DIM if color else ''}(no text: {len(reply.tokens)} tokens){RESET if color else ''}",
+                  end="")
         if args.json:
             print(json.dumps({"analysis": reply.analysis, "final": reply.final, "tokens": reply.tokens,
                               "messages": [m.as_dict() for m in reply.messages]}))

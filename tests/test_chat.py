@@ -111,3 +111,13 @@ def test_cli_generate_tokens(dense_dir):
 def test_cli_errors_are_one_line(tmp_path):
     r = cli("chat", "--model", tmp_path / "missing", "hi")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no such directory" in r.stderr
+
+
+def test_channel_stream_shows_text_without_header():
+    """A model that never writes <|message|> still has its text shown (channel None)."""
+    words = "just some words without any harmony header at all, going on for more than sixteen tokens"
+    assert len(harmony.encode(words)) > 16
+    stream = ChannelStream()
+    shown = [stream.feed(t) for t in harmony.encode(words)]
+    assert "".join(text for _, text in shown) == words
+    assert {channel for channel, text in shown if text} == {None}
