@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -89,8 +89,9 @@ def main() -> None:
         rows.append(f"| {name} KV cache at 131072 tokens, bf16, full length on every layer | {human(full)} |")
     import jax
 
-    head = (f"Machine: {platform.processor() or platform.machine()}, {resource.getpagesize()} B pages, "
-            f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
+    head = (f"Machine: {cpu}, {os.cpu_count()} cores, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
             f"Command: `.venv/bin/python benchmarks/long_context.py --tokens {args.tokens} --chunk {args.chunk}`\n")
     text = head + "\n" + "\n".join(rows) + "\n"
     print(text)
