@@ -9,6 +9,11 @@ the even element in the low nibble. Stored shapes, for a weight used as ``y = W 
     scales  uint8 [..., out, in/32]
 
 ``decode`` turns them back into ``[..., out, in]``; ``encode`` goes the other way.
+
+Edge cases, none of which real weights reach: scale byte 255 (NaN in the OCP spec) decodes to
+infinity; decoded values below 2**-126 (scale bytes near 0) are flushed to zero by XLA on CPU.
+``encode`` picks the smallest scale at which the block fits without clipping, which can differ
+from the OCP reference rule (``floor(log2 amax) - 2``, clipping above 6); decoding is the same.
 """
 
 from __future__ import annotations
