@@ -149,7 +149,7 @@ def test_decode_step_touches_only_selected_experts(mxfp4_dir):
     x = model.embed_VD[...][tok]
     chosen = []
     for layer in model.layers:
-        h = x + layer.attn(layer.attn_norm(x), np.zeros((1, 1), np.int32))
+        h = x + layer.attn(layer.attn_norm(x), np.zeros((1, 1), np.int32))[0]
         chosen.append(set(np.asarray(layer.mlp.route(layer.mlp_norm(h))[1]).ravel().tolist()))
         x = h + layer.mlp(layer.mlp_norm(h))
     for layer, keep in zip(model.layers, chosen, strict=True):
