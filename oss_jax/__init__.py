@@ -7,6 +7,7 @@ from oss_jax.config import GPT_OSS_20B, GPT_OSS_120B, PRESETS, Config
 from oss_jax.generate import generate
 from oss_jax.load import load
 from oss_jax.model import GptOss
+from oss_jax.sharding import make_mesh
 
 __all__ = ["GPT_OSS_20B", "GPT_OSS_120B", "PRESETS", "CheckpointError", "Config", "GptOss", "KVCache", "chat",
-           "generate", "load"]
+           "generate", "load", "make_mesh"]

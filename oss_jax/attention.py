@@ -10,6 +10,8 @@ order of the keys, so keys may sit in a ring buffer in slot order.
   online (flash-style) softmax; key blocks in which no key is visible to any query of the block
   are skipped (``lax.cond``), so sorted causal attention does about half the work of ``naive``.
   Any positions, any key order (prefill, chunked prefill against a cache, decode).
+* :func:`weights`: the attention probabilities and the sink's share, for tracing (``naive``'s
+  logits, materialised; never called by the forward pass unless recording is on).
 * :func:`blockwise_causal`: self-attention over one sequence (keys are the queries' own tokens,
   ``positions`` contiguous): with a window, each query block reads only the
   ``block_q + window - 1`` keys that can be visible to it, so cost is ``O(T * window)``.
@@ -65,6 +67,34 @@ def naive(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, sinks_N: jax.
     out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BSKH.dtype), v_BSKH,
                      preferred_element_type=f32)
     return out.reshape(B, T, N, H).astype(v_BSKH.dtype)
+
+
+def weights(q_BTNH: jax.Array, k_BSKH: jax.Array, sinks_N: jax.Array, q_pos_BT: jax.Array,
+            k_pos_BS: jax.Array, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """The probabilities of :func:`naive`, and the probability mass the sink takes (float32).
+
+    With logits ``l_qk`` over the visible keys, sink logit ``s_h`` and ``m = max(s_h, max_k l_qk)``::
+
+        p_qk = exp(l_qk - m) / D,   sink_q = exp(s_h - m) / D,   D = exp(s_h - m) + sum_k exp(l_qk - m)
+
+    so ``sink_q + sum_k p_qk = 1``. Same logits, mask and max as :func:`naive`.
+
+    Returns ``(probs [B, T, N, S], sink_mass [B, T, N])``; invisible keys get probability 0.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=f32) * (H ** -0.5)
+    visible = _visible(q_pos_BT, k_pos_BS, window)  # [B, T, S]
+    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
+    sink = sinks_N.astype(f32).reshape(1, K, N // K, 1, 1)
+    m = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
+    p = jnp.exp(logits - m)
+    sink_p = jnp.exp(sink - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True) + sink_p
+    probs_BTNS = (p / denom).transpose(0, 3, 1, 2, 4).reshape(B, T, N, -1)
+    sink_BTN = (sink_p / denom)[..., 0].transpose(0, 3, 1, 2).reshape(B, T, N)
+    return probs_BTNS, sink_BTN
 
 
 # -- blockwise (flash-style) ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ import itertools
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +111,114 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     except OSError as e:
         raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
     return np.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+
+
+# Reading a slice. Runs shorter than RUN_MIN bytes are merged into one read of their enclosing
+# slab when that slab is at most SPAN_MAX bytes: a few large reads instead of thousands of tiny ones.
+RUN_MIN = 1 << 16
+SPAN_MAX = 1 << 26
+
+
+def _pread(info: TensorInfo, fd: int, offset: int, n: int) -> bytearray:
+    """``n`` bytes at absolute ``offset`` of ``info.file`` (every slice read goes through here)."""
+    buf = bytearray(n)
+    view, done = memoryview(buf), 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        done += got
+    return buf
+
+
+def normalize_index(index, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``index`` (slices, or fewer of them than dimensions) as one ``slice(start, stop)`` per dimension."""
+    index = index if isinstance(index, tuple) else (index,)
+    index = index + (slice(None),) * (len(shape) - len(index))
+    out = []
+    for sl, n in zip(index, shape, strict=True):
+        if not isinstance(sl, slice):
+            raise TypeError(f"only slices can index a lazy tensor, got {sl!r}")
+        start, stop, step = sl.indices(n)
+        if step != 1:
+            raise ValueError(f"only contiguous slices can index a lazy tensor, got step {step}")
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
+def read_region(info: TensorInfo, index) -> np.ndarray:
+    """Read the rectangle ``index`` (one contiguous slice per dimension) of a tensor from its file.
+
+    In row-major order a rectangle is a set of contiguous byte runs, one per combination of
+    indices in the dimensions before the last partial one (``j``). Level ``m <= j`` reads, for
+    each index combination in dimensions ``< m``, the whole rows ``index[m]`` of dimension ``m``
+    (all later dimensions) and slices them in memory; ``m = j`` reads exactly the needed bytes,
+    a smaller ``m`` fewer but larger reads. Only dimension 0 sliced: one read.
+    """
+    dtype = DTYPES[info.dtype]
+    shape = info.shape
+    index = normalize_index(index, shape)
+    lens = [sl.stop - sl.start for sl in index]
+    if not shape:
+        return read_tensor(info)
+    if 0 in lens:
+        return np.empty(lens, dtype)
+    strides = [int(np.prod(shape[i + 1:])) for i in range(len(shape))]  # elements
+    partial = [i for i, (sl, n) in enumerate(zip(index, shape, strict=True)) if sl.stop - sl.start != n]
+    m = partial[-1] if partial else 0
+
+    def span(level: int) -> int:
+        return lens[level] * strides[level] * dtype.itemsize
+
+    while m > 0 and span(m) < RUN_MIN and span(m - 1) <= SPAN_MAX:
+        m -= 1
+    out = np.empty(lens, dtype)
+    try:
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            for outer in itertools.product(*(range(sl.start, sl.stop) for sl in index[:m])):
+                first = sum(i * st for i, st in zip(outer, strides, strict=False)) + index[m].start * strides[m]
+                raw = _pread(info, fd, info.start + first * dtype.itemsize, span(m))
+                rows = np.frombuffer(raw, dtype).reshape(lens[m], *shape[m + 1:])
+                here = tuple(i - sl.start for i, sl in zip(outer, index, strict=False))
+                out[here] = rows[(slice(None), *index[m + 1:])]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
+    return out
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor read on demand: ``lazy[index]`` reads just that rectangle (contiguous slices).
+
+    ``read`` gets one ``slice(start, stop)`` per dimension. Sharded loading hands each device's
+    index to ``read``, so no process ever holds more than its slices of one tensor.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[tuple[slice, ...]], np.ndarray]
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.read(normalize_index(index, self.shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @classmethod
+    def from_file(cls, info: TensorInfo, rows: tuple[int, int] | None = None) -> LazyTensor:
+        """The tensor ``info``, or only its rows ``[start, stop)`` (a part of a fused tensor)."""
+        if rows is None:
+            return cls(info.shape, DTYPES[info.dtype], lambda index: read_region(info, index))
+        r0, r1 = rows
+
+        def read(index: tuple[slice, ...]) -> np.ndarray:
+            return read_region(info, (slice(index[0].start + r0, index[0].stop + r0), *index[1:]))
+
+        return cls((r1 - r0, *info.shape[1:]), DTYPES[info.dtype], read)
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
@@ -295,6 +403,21 @@ class Source:
                 yield f"model.layers.{i}.self_attn.{proj}_proj.{kind}", part
 
 
+    def lazy_tensors(self) -> Iterator[tuple[str, LazyTensor]]:
+        """Like ``hf_tensors`` but nothing is read: ``(HF name, LazyTensor)`` (fused qkv split by rows)."""
+        cfg = self.config
+        nq = cfg.num_attention_heads * cfg.head_dim
+        nk = cfg.num_key_value_heads * cfg.head_dim
+        for name, info in sorted(self.tensors.items(), key=lambda kv: _layer_order(kv[0])):
+            hf = name if self.layout == "hf" else openai_to_hf_name(name)
+            if hf is not None:
+                yield hf, LazyTensor.from_file(info)
+                continue
+            i, kind = name.split(".")[1], name.rsplit(".", 1)[1]
+            for proj, rows in (("q", (0, nq)), ("k", (nq, nq + nk)), ("v", (nq + nk, nq + 2 * nk))):
+                yield f"model.layers.{i}.self_attn.{proj}_proj.{kind}", LazyTensor.from_file(info, rows)
+
+
 def _layer_order(name: str) -> tuple[int, str]:
     """Sort key that keeps each layer's tensors together (shards may split a layer)."""
     parts = name.split(".")
@@ -377,6 +500,65 @@ def to_params(cfg: Config, name: str, arr: np.ndarray) -> list[tuple[Path_, np.n
     if rest == "self_attn.o_proj.weight":
         return [(layer + ("attn", "wo_NHD"), arr.T.reshape(N, H, D))]
     return [(layer + _LAYER_PARAMS[rest], arr)]
+
+
+def to_lazy_params(cfg: Config, name: str, t: LazyTensor) -> list[tuple[Path_, LazyTensor]]:
+    """``to_params`` without reading: the parameter(s) as ``LazyTensor`` s in the model's layout.
+
+    Each parameter slice maps to one rectangle of the file tensor: heads are a row range of the
+    q/k/v projections (``[heads*H, D]``) and a column range of ``o_proj`` (``[D, N*H]``).
+    """
+    if name in _TOP_PARAMS:
+        return [(_TOP_PARAMS[name], t)]
+    _, _, i, rest = name.split(".", 3)
+    layer: Path_ = ("layers", int(i))
+    N, K, H, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+
+    def heads(sl: slice) -> slice:
+        return slice(sl.start * H, sl.stop * H)
+
+    if rest.startswith("self_attn.") and rest[10] in "qkv" and rest[11:18] == "_proj.w":
+        p, n = rest[10], (N if rest[10] == "q" else K)
+
+        def read_w(ix: tuple[slice, ...]) -> np.ndarray:  # [D, n, H] <- rows of [n*H, D]
+            sd, sn, sh = ix
+            a = t[heads(sn), sd]
+            return a.reshape(sn.stop - sn.start, H, -1)[:, sh].transpose(2, 0, 1)
+
+        path = layer + ("attn", f"w{p}_D{'N' if p == 'q' else 'K'}H")
+        return [(path, LazyTensor((D, n, H), t.dtype, read_w))]
+    if rest.startswith("self_attn.") and rest[10] in "qkv" and rest[11:18] == "_proj.b":
+        p, n = rest[10], (N if rest[10] == "q" else K)
+
+        def read_b(ix: tuple[slice, ...]) -> np.ndarray:  # [n, H] <- [n*H]
+            sn, sh = ix
+            return t[heads(sn)].reshape(sn.stop - sn.start, H)[:, sh]
+
+        return [(layer + ("attn", f"b{p}_{'N' if p == 'q' else 'K'}H"), LazyTensor((n, H), t.dtype, read_b))]
+    if rest == "self_attn.o_proj.weight":
+        def read_o(ix: tuple[slice, ...]) -> np.ndarray:  # [N, H, D] <- columns of [D, N*H]
+            sn, sh, sd = ix
+            a = t[sd, heads(sn)]
+            return a.reshape(a.shape[0], sn.stop - sn.start, H)[:, :, sh].transpose(1, 2, 0)
+
+        return [(layer + ("attn", "wo_NHD"), LazyTensor((N, H, D), t.dtype, read_o))]
+    return [(layer + _LAYER_PARAMS[rest], t)]
+
+
+def lazy_dequantized(blocks: LazyTensor, scales: LazyTensor, dtype) -> LazyTensor:
+    """Dense ``[E, in, out]`` weights of ``dtype`` from MXFP4 ``[E, out, in/32, 16]`` + scales, by slice.
+
+    A slice of the input dimension reads the 32-value blocks that cover it.
+    """
+    E, n_out, nb, _ = blocks.shape
+
+    def read(ix: tuple[slice, ...]) -> np.ndarray:
+        se, si, so = ix
+        b0, b1 = si.start // 32, -(-si.stop // 32)
+        w = mxfp4.decode(blocks[se, so, b0:b1], scales[se, so, b0:b1], dtype)  # [e, out, covering in]
+        return np.swapaxes(np.asarray(w)[:, :, si.start - 32 * b0:si.stop - 32 * b0], -1, -2)
+
+    return LazyTensor((E, nb * 32, n_out), np.dtype(dtype), read)
 
 
 def dequantize_experts(params: dict[Path_, np.ndarray], layer: int, dtype) -> dict[Path_, np.ndarray]:

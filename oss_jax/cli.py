@@ -1,4 +1,4 @@
-"""The ``oss-jax`` command line: ``convert``, ``generate`` and ``chat``."""
+"""The ``oss-jax`` command line: ``convert``, ``generate``, ``chat`` and ``plan``."""
 
 from __future__ import annotations
 
@@ -106,6 +106,16 @@ def _chat(args: argparse.Namespace) -> None:
         turn(text)
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from oss_jax.config import PRESETS, Config
+    from oss_jax.sharding import plan
+
+    cfg = args.model if args.model in PRESETS else Config.from_json(args.model)
+    mesh = tuple(int(x) for x in args.mesh.lower().split("x")) if args.mesh else args.devices
+    print(plan(cfg, mesh, context=args.context, batch=args.batch, dtype=args.dtype, experts=args.experts,
+               chunk=args.prefill_chunk))
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="checkpoint directory, converted orbax checkpoint, or hub repo id")
@@ -146,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--show-reasoning", action=argparse.BooleanOptionalAction, default=True,
                     help="show the analysis channel, dimmed and labelled (default: shown)")
     ch.set_defaults(func=_chat)
+
+    pl = sub.add_parser("plan", help="memory per device for a model, mesh and context (no device needed)")
+    pl.add_argument("--model", default="gpt-oss-20b",
+                    help="gpt-oss-20b, gpt-oss-120b, or a checkpoint directory / config.json")
+    pl.add_argument("--devices", type=int, default=1, help="device count (default mesh for it)")
+    pl.add_argument("--mesh", help="DATAxEXPERTxTENSOR, e.g. 1x4x2 (overrides --devices)")
+    pl.add_argument("--context", type=int, default=8192, help="positions in the KV cache")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    pl.add_argument("--experts", default="packed", choices=["packed", "dense"])
+    pl.add_argument("--prefill-chunk", type=int, default=512)
+    pl.set_defaults(func=_plan)
 
     args = parser.parse_args(argv)
     try:

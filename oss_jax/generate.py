@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from oss_jax import sharding
 from oss_jax.cache import KVCache
-from oss_jax.model import GptOss
+from oss_jax.model import GptOss, compiled_apply
 
 PAD = -1  # fills the output after a row stops; never a real token id
 
@@ -68,15 +69,11 @@ def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray) -> tuple[np.ndarray,
     return tokens, positions
 
 
-@functools.partial(nnx.jit, static_argnames=("last_only",))
-def _forward(model: GptOss, tokens, positions, cache, last_only=True):
-    return model.apply(tokens, positions, cache, last_only=last_only)
-
-
-@functools.partial(nnx.jit, static_argnames=("size",))
-def _decode_loop(model: GptOss, cache: KVCache, first_BV: jax.Array, key: jax.Array, stop: jax.Array,
-                 steps: jax.Array, temperature, top_k, top_p, size: int):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("size",), donate_argnames=("cache",))
+def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, first_BV: jax.Array,
+                 key: jax.Array, stop: jax.Array, steps: jax.Array, temperature, top_k, top_p, size: int):
     """The whole token loop on the device; stops early once every row has stopped."""
+    model = nnx.merge(graphdef, state)
     B = first_BV.shape[0]
 
     def body(carry):
@@ -100,8 +97,11 @@ def _decode_loop(model: GptOss, cache: KVCache, first_BV: jax.Array, key: jax.Ar
     return out, cache
 
 
-@nnx.jit
-def _decode_step(model: GptOss, cache: KVCache, logits_BV, key, done, stop, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def _decode_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, logits_BV, key, done, stop,
+                 temperature, top_k, top_p):
+    """One token: sample from ``logits_BV``, then run it through the model (streaming mode)."""
+    model = nnx.merge(graphdef, state)
     key, sub = jax.random.split(key)
     tok = jnp.where(done, PAD, sample(logits_BV, sub, temperature, top_k, top_p))
     done = done | jnp.isin(tok, stop)
@@ -146,31 +146,41 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
     key = jax.random.key(0 if key is None else key) if not isinstance(key, jax.Array) else key
     stop = jnp.asarray(list(stop_tokens) or [PAD], jnp.int32)
     dtype = cache_dtype or model.embed_VD[...].dtype
-    cache = KVCache.create(cfg, B, T + max_new_tokens, dtype)
+    mesh = sharding.mesh_of(model)
+    if mesh is None:
+        cache = KVCache.create(cfg, B, T + max_new_tokens, dtype)
+    else:  # a sharded model: the cache and the batch are sharded too (see oss_jax.sharding)
+        cache = sharding.make_cache(cfg, B, T + max_new_tokens, dtype, mesh)
 
     # Prefill in chunks; the last chunk is right-padded (position -1) to keep one compiled shape.
-    tokens = jnp.asarray(tokens, jnp.int32)
-    positions = jnp.asarray(positions)
+    if mesh is None:
+        tokens = jnp.asarray(tokens, jnp.int32)
+        positions = jnp.asarray(positions)
+    else:  # from numpy, so that every process of a multi-host mesh passes the same prompts
+        tokens = sharding.shard_batch(np.asarray(tokens, np.int32), mesh)
+        positions = sharding.shard_batch(positions, mesh)
     C = min(prefill_chunk, T)
     logits = None
+    graphdef, state = nnx.split(model)  # once: the compiled steps read these, never copy them
     for start in range(0, T, C):
         chunk, pos = tokens[:, start:start + C], positions[:, start:start + C]
         n = chunk.shape[1]
         if n < C:
             chunk = jnp.pad(chunk, ((0, 0), (0, C - n)))
             pos = jnp.pad(pos, ((0, 0), (0, C - n)), constant_values=-1)
-        logits_all, cache = _forward(model, chunk, pos, cache, last_only=n == C)
+        logits_all, cache = compiled_apply(graphdef, state, chunk, pos, cache, last_only=n == C)
         logits = logits_all[:, -1] if n == C else logits_all[:, n - 1]
     if on_token is None:
-        out, cache = _decode_loop(model, cache, logits, key, stop, jnp.int32(max_new_tokens), *sampling,
-                                  size=max_new_tokens)
-        out = np.asarray(out)
+        out, cache = _decode_loop(graphdef, state, cache, logits, key, stop, jnp.int32(max_new_tokens),
+                                  *sampling, size=max_new_tokens)
+        out = sharding.to_host(out)
     else:
         out = np.full((B, max_new_tokens), PAD, np.int32)
         done = jnp.zeros((B,), bool)
         for i in range(max_new_tokens):
-            tok, logits, cache, done, key = _decode_step(model, cache, logits, key, done, stop, *sampling)
-            out[:, i] = np.asarray(tok)
+            tok, logits, cache, done, key = _decode_step(graphdef, state, cache, logits, key, done, stop,
+                                                         *sampling)
+            out[:, i] = sharding.to_host(tok)
             on_token(out[:, i])
             if bool(jnp.all(done)):
                 break

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from oss_jax import checkpoint, mxfp4
-from oss_jax.checkpoint import CheckpointError, Path_
+from oss_jax import checkpoint, mxfp4, sharding
+from oss_jax.checkpoint import CheckpointError, LazyTensor, Path_
 from oss_jax.config import Config
 from oss_jax.model import GptOss
 
@@ -28,7 +29,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def load(source: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16", experts: str = "auto",
-         revision: str | None = None, progress: bool = False) -> GptOss:
+         revision: str | None = None, progress: bool = False, mesh: Mesh | None = None) -> GptOss:
     """Load a gpt-oss model.
 
     Args:
@@ -41,6 +42,10 @@ def load(source: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16", experts
         ``"dense"`` dequantizes packed experts to ``dtype`` at load; ``"packed"`` insists on MXFP4.
       revision: hub revision, for repo ids.
       progress: show a progress bar.
+      mesh: a ``jax.sharding.Mesh`` (``oss_jax.sharding.make_mesh``): every parameter is created
+        directly as a sharded array, each device's slice read from the file on its own
+        (safetensors; a converted orbax checkpoint is restored one layer group at a time and
+        sliced), and the model runs expert-parallel (``oss_jax.sharding``).
 
     Returns:
       A ``GptOss`` module: ``model(tokens [B, T] int32) -> logits [B, T, V] float32``.
@@ -56,24 +61,30 @@ def load(source: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16", experts
     else:
         src = checkpoint.open_checkpoint(path)
         cfg, stored_packed = src.config, src.mxfp4
-        tensors = (pa for name, arr in src.hf_tensors() for pa in checkpoint.to_params(cfg, name, arr))
+        if mesh is None:
+            tensors = (pa for name, arr in src.hf_tensors() for pa in checkpoint.to_params(cfg, name, arr))
+        else:  # nothing is read here: each device's slice is read when its array is made
+            tensors = (pa for name, t in src.lazy_tensors() for pa in checkpoint.to_lazy_params(cfg, name, t))
         total = len(src)
     if experts == "packed" and not stored_packed:
         raise CheckpointError(f"{path}: experts='packed' needs MXFP4 experts, this checkpoint stores them dense")
     packed = stored_packed and experts != "dense"
     if progress:
         tensors = _progress(tensors, total, f"loading {path.name}")
-    return build(cfg, tensors, packed=packed, stored_packed=stored_packed, dtype=dtype)
+    return build(cfg, tensors, packed=packed, stored_packed=stored_packed, dtype=dtype, mesh=mesh)
 
 
-def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray]], *, packed: bool,
-          stored_packed: bool, dtype=jnp.bfloat16) -> GptOss:
+def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray | LazyTensor]], *, packed: bool,
+          stored_packed: bool, dtype=jnp.bfloat16, mesh: Mesh | None = None) -> GptOss:
     """Fill an abstract ``GptOss`` from ``(parameter path, array)`` pairs, one at a time.
 
     Float arrays are cast to ``dtype``; packed expert bytes are kept, or decoded when
-    ``stored_packed and not packed``. Every parameter must arrive exactly once.
+    ``stored_packed and not packed``. Every parameter must arrive exactly once. With a ``mesh``,
+    each parameter becomes a sharded array made slice by slice (arrays may then be
+    ``LazyTensor`` s, read only where a device needs them) and the model is sharded.
     """
     model = nnx.eval_shape(lambda: GptOss(cfg, packed=packed, dtype=dtype))
+    targets = sharding.shardings(model, mesh) if mesh is not None else {}
     variables = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Variable)}
     filled: set[Path_] = set()
     pending: dict[Path_, np.ndarray] = {}  # packed halves waiting for their partner (dense mode)
@@ -88,6 +99,10 @@ def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray]], *, packed: b
         if tuple(arr.shape) != tuple(want.shape):
             raise CheckpointError(f"parameter {'.'.join(map(str, path))}: shape {arr.shape}, "
                                   f"expected {want.shape}")
+        if mesh is not None:
+            var.set_value(sharding.place(arr, targets[path], want.dtype))
+            filled.add(path)
+            return
         if want.dtype != arr.dtype:
             arr = arr.astype(want.dtype)
         var.set_value(jax.device_put(arr))
@@ -105,6 +120,9 @@ def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray]], *, packed: b
             partner = pending.pop(other)
             blocks, scales = (arr, partner) if part == "blocks" else (partner, arr)
             dense = "gate_up_EDF2" if proj == "gate_up" else "down_EFD"
+            if isinstance(blocks, LazyTensor):
+                put(path[:-1] + (dense,), checkpoint.lazy_dequantized(blocks, scales, dtype))
+                continue
             w = mxfp4.decode(blocks, scales, dtype)
             put(path[:-1] + (dense,), np.asarray(jnp.swapaxes(w, -1, -2)))
             continue
@@ -113,7 +131,7 @@ def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray]], *, packed: b
     if missing or pending:
         first = missing[0] if missing else next(iter(pending))
         raise CheckpointError(f"checkpoint has no value for parameter {'.'.join(map(str, first))}")
-    return model
+    return model if mesh is None else sharding.shard(model, mesh)
 
 
 # -- sources -------------------------------------------------------------------------------------

@@ -6,10 +6,16 @@ F expert hidden units, V vocabulary.
 
 Precision policy: parameters in ``dtype`` (bf16 by default); RMSNorm, RoPE, attention softmax,
 the router and the expert mixing weights in float32; logits returned in float32.
+
+Tracing: ``GptOss``, ``Attention`` and ``MoE`` carry a static attribute ``recording`` (``None``:
+off). While it holds a :class:`Recording`, they ``sow`` router outputs, attention-sink mass,
+attention weights and the residual stream as ``nnx.Intermediate`` values (read back with
+``nnx.capture``; ``oss_jax.trace`` does all of it). With ``None`` no recording code is traced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,6 +34,38 @@ NAIVE_MAX = 1 << 20
 
 class Packed(nnx.Variable):
     """Packed MXFP4 bytes (blocks or scales): state, but not a trainable parameter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recording:
+    """What the model sows as ``nnx.Intermediate`` while tracing (see ``oss_jax.trace``).
+
+    Held in the static attribute ``recording`` of ``GptOss``, ``Attention`` and ``MoE``. Static
+    means it is part of the graph definition, so ``None`` (the default) traces no recording code at
+    all: compiled forward and generation graphs are exactly those of a model without these hooks,
+    and turning recording on compiles a separate graph instead of adding a runtime branch.
+
+    Attributes:
+      router: ``MoE`` sows ``router_logits [B, T, E]`` (float32), ``expert_ids [B, T, k]``
+        (int32, first choice first) and ``gates [B, T, k]`` (float32).
+      sinks: ``Attention`` sows ``sink_mass [B, T, N]``: the probability each head's sink takes.
+      residual: ``GptOss.apply`` sows ``residual``: L + 1 arrays ``[B, T, D]`` (the embeddings,
+        then the stream after each block), in the activation dtype.
+      attention_window: ``(start, stop)`` key positions: ``Attention`` sows
+        ``attention_weights [B, T, N, stop - start]`` (float32), the probability each query puts
+        on the keys at those positions (0 where not visible). Only on the naive attention path
+        (``T * S <= NAIVE_MAX``); tracing raises ``ValueError`` otherwise.
+    """
+
+    router: bool = True
+    sinks: bool = True
+    residual: bool = True
+    attention_window: tuple[int, int] | None = None
+
+
+def _sow(module: nnx.Module, name: str, value: jax.Array) -> None:
+    """Sow one value per call (not the default tuple of calls): each module runs once per pass."""
+    module.sow(nnx.Intermediate, name, value, reduce_fn=lambda _, v: v, init_fn=lambda: None)
 
 
 def _param(shape: tuple[int, ...], dtype, rngs: nnx.Rngs | None, std: float = 0.02) -> nnx.Param:
@@ -66,6 +104,7 @@ class Attention(nnx.Module):
         self.window = cfg.window(layer)
         self.rope_args = (H, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_position,
                           cfg.rope_beta_fast, cfg.rope_beta_slow, cfg.rope_truncate)
+        self.recording: Recording | None = None  # static: see Recording
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
@@ -100,7 +139,42 @@ class Attention(nnx.Module):
             o = attention.blockwise_causal(q, keys, values, sinks, positions_BT, self.window)
         else:  # a prefill chunk against a long cache
             o = attention.blockwise(q, keys, values, sinks, positions_BT, k_pos, self.window)
+        if self.recording is not None:
+            self._record(q, keys, sinks, positions_BT, k_pos, long_self=cache is None)
         return jnp.einsum("btnh,nhd->btd", o, self.wo_NHD[...]) + self.bo_D[...], cache
+
+
+    def _record(self, q_BTNH: jax.Array, k_BSKH: jax.Array, sinks_N: jax.Array, positions_BT: jax.Array,
+                k_pos_BS: jax.Array, long_self: bool) -> None:
+        """Sow sink mass ``[B, T, N]`` and window weights ``[B, T, N, W]`` (tracing only).
+
+        The naive path gets both from :func:`attention.weights`; the blockwise paths (long inputs)
+        get the sink mass as ``1 - (attention mass on the keys)`` by attending to values of 1,
+        which reuses their exact masking and never materialises ``T x S``.
+        """
+        rec = self.recording
+        T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+        if T * S <= NAIVE_MAX:
+            probs_BTNS, sink_BTN = attention.weights(q_BTNH, k_BSKH, sinks_N, positions_BT, k_pos_BS,
+                                                     self.window)
+            if rec.sinks:
+                _sow(self, "sink_mass", sink_BTN)
+            if rec.attention_window is not None:
+                start, stop = rec.attention_window
+                # Keys may sit in cache-slot order: pick them by stored position, not by index.
+                onehot_BSW = (k_pos_BS[:, :, None] == jnp.arange(start, stop)).astype(f32)
+                _sow(self, "attention_weights", jnp.einsum("btns,bsw->btnw", probs_BTNS, onehot_BSW))
+            return
+        if rec.attention_window is not None:
+            raise ValueError(f"attention weights are recorded on the naive path only ({T} queries x {S} keys "
+                             f"> NAIVE_MAX = {NAIVE_MAX}): trace fewer tokens per chunk")
+        if rec.sinks:
+            ones_BSKH = jnp.ones(k_BSKH.shape, f32)  # the blockwise kernels want values of the keys' shape
+            if long_self:
+                mass = attention.blockwise_causal(q_BTNH, k_BSKH, ones_BSKH, sinks_N, positions_BT, self.window)
+            else:
+                mass = attention.blockwise(q_BTNH, k_BSKH, ones_BSKH, sinks_N, positions_BT, k_pos_BS, self.window)
+            _sow(self, "sink_mass", 1.0 - mass[..., 0])
 
 
 def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
@@ -141,6 +215,8 @@ class Experts(nnx.Module):
         self.dtype = dtype
         self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
         self.dispatch = "auto"
+        # Static: set by oss_jax.sharding.shard; with a mesh, __call__ runs expert-parallel.
+        self.mesh: jax.sharding.Mesh | None = None
 
     def weights(self, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Expert weights for integer indices ``idx [...]``: ``w1 [..., D, 2F]``, ``w2 [..., F, D]``.
@@ -155,6 +231,14 @@ class Experts(nnx.Module):
 
     def __call__(self, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array) -> jax.Array:
         """Mix the chosen experts: ``sum_k gates[n, k] * expert_{idx[n, k]}(x[n])`` -> ``[N, D]``."""
+        if self.mesh is not None:
+            from oss_jax import sharding  # deferred: sharding imports this module
+
+            return sharding.experts_parallel(self, x_ND, idx_Nk, gates_Nk)
+        return self.mix(x_ND, idx_Nk, gates_Nk).astype(x_ND.dtype)
+
+    def mix(self, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array) -> jax.Array:
+        """``__call__`` on this module's own experts, in float32 (expert-parallel devices sum these)."""
         N, k = idx_Nk.shape
         E = self.gate_up_bias_EF2.shape[0]
         mode = self.dispatch
@@ -177,7 +261,7 @@ class Experts(nnx.Module):
             out, _ = jax.lax.scan(step, jnp.zeros(x_ND.shape, f32), jnp.arange(E))
         else:
             raise ValueError(f"unknown expert dispatch {mode!r} (use 'auto', 'gather' or 'scan')")
-        return out.astype(x_ND.dtype)
+        return out
 
 
 class MoE(nnx.Module):
@@ -188,6 +272,7 @@ class MoE(nnx.Module):
         self.router_bias_E = _param((cfg.num_experts,), dtype, rngs)
         self.experts = Experts(cfg, packed=packed, dtype=dtype, rngs=rngs)
         self.k = cfg.experts_per_token
+        self.recording: Recording | None = None  # static: see Recording
 
     def route(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Router logits ``[B, T, E]`` (float32), chosen experts ``[B, T, k]``, gates ``[B, T, k]``."""
@@ -198,7 +283,11 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         B, T, D = x_BTD.shape
-        _, idx, gates = self.route(x_BTD)
+        logits, idx, gates = self.route(x_BTD)
+        if self.recording is not None and self.recording.router:
+            _sow(self, "router_logits", logits)
+            _sow(self, "expert_ids", idx)
+            _sow(self, "gates", gates)
         y = self.experts(x_BTD.reshape(B * T, D), idx.reshape(B * T, -1), gates.reshape(B * T, -1))
         return y.reshape(B, T, D)
 
@@ -240,6 +329,7 @@ class GptOss(nnx.Module):
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
         self.unembed_VD = _param((V, D), dtype, rngs)
+        self.recording: Recording | None = None  # static: see Recording
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
         tokens_BT = self._check_tokens(tokens_BT)
@@ -255,11 +345,11 @@ class GptOss(nnx.Module):
         logits, _ = self.forward(tokens_BT, jnp.asarray(positions_BT, jnp.int32))
         return logits
 
-    @functools.partial(nnx.jit, static_argnames=("last_only",))
     def forward(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None,
                 last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
-        """``apply``, compiled."""
-        return self.apply(tokens_BT, positions_BT, cache, last_only)
+        """``apply``, compiled. The parameters are only read: nothing is copied per call."""
+        graphdef, state = nnx.split(self)
+        return compiled_apply(graphdef, state, tokens_BT, positions_BT, cache, last_only=last_only)
 
     def apply(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None,
               last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
@@ -275,10 +365,15 @@ class GptOss(nnx.Module):
           ``(logits [B, T, V] float32, updated cache or None)``.
         """
         x = self.embed_VD[...][tokens_BT]
+        record = self.recording is not None and self.recording.residual
+        if record:
+            self.sow(nnx.Intermediate, "residual", x)  # a tuple: embeddings, then after each block
         new_layers = []
         for i, block in enumerate(self.layers):
             x, layer_cache = block(x, positions_BT, None if cache is None else cache.layers[i])
             new_layers.append(layer_cache)
+            if record:
+                self.sow(nnx.Intermediate, "residual", x)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
@@ -306,3 +401,16 @@ class GptOss(nnx.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
         return jnp.asarray(tokens, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("last_only",))
+def compiled_apply(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, positions_BT: jax.Array,
+                   cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+    """``GptOss.apply`` as a pure compiled function of ``nnx.split(model)``.
+
+    Plain ``jax.jit`` on the split state rather than ``nnx.jit`` on the module: ``nnx.jit`` hands
+    every parameter back as a new output buffer (so it can propagate mutations), which copies
+    the whole model on each call (12.8 GiB for gpt-oss-20b). Nothing here mutates the model.
+    """
+    return nnx.merge(graphdef, state).apply(tokens_BT, positions_BT, cache, last_only)
+

@@ -1,0 +1,321 @@
+"""Streaming aggregation of routing and sink statistics: counts that add up, chunk by chunk.
+
+A 100k-token run of gpt-oss-20b (24 layers, 32 experts, top-4) has 77M router logits; the
+metrics of ``oss_jax.metrics`` only need sums of counts. :class:`RoutingStats` keeps those sums
+(all sizes independent of the number of tokens except the per-token-id table, which grows with
+the number of *distinct* token ids) and :class:`SinkStats` the sink sums, so records can be
+dropped after each chunk::
+
+    stats = RoutingStats(cfg.num_hidden_layers, cfg.num_experts, cfg.experts_per_token)
+    sinks = SinkStats(cfg.num_hidden_layers, cfg.num_attention_heads)
+    for piece in trace_chunks(model, tokens, chunk=512):
+        stats.update_trace(piece)
+        sinks.update_trace(piece)
+    stats.summary()
+
+Every accumulated quantity equals the one computed in one shot over the concatenated chunks
+(the tests check it), including pairs of neighbouring tokens that straddle two chunks.
+
+Memory (L layers, E experts, n distinct token ids, G groups): ``(L E)^2`` int64 for co-activation
+and cross-layer counts (4.7 MB for 20b), ``n L E`` int32 per-token-id counts (3 MB per 1000 ids
+for 20b; restrict with ``vocab_layers``), ``G L E`` for groups, plus one chunk's temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from oss_jax import metrics as M
+
+
+class RoutingStats:
+    """Sums over routings ``[L, T, k]`` (and router logits ``[L, T, E]``) fed chunk by chunk.
+
+    Args:
+      num_layers, num_experts, k: L, E and the experts per token.
+      vocab_layers: layers whose per-token-id counts are kept (for vocabulary specialization);
+        default all, ``()`` for none.
+      cross_layer: keep the ``[L, L, E, E]`` cross-layer counts (else only per-layer co-activation).
+
+    Attributes (all sums since construction):
+      tokens: number of routed (valid) tokens.
+      load: int64 ``[L, E]`` routings per expert; ``first_load`` the same for first choices.
+      prob_sum: float64 ``[L, E]``: sum over tokens of the full-softmax router probabilities.
+      entropy_sum: float64 ``[L]``: sum of per-token routing entropies (nats);
+        ``gate_entropy_sum`` the same for gpt-oss's top-k gates.
+      logit_tokens: tokens whose router logits were given (denominator of the two above).
+      pair_counts: int64 ``[L, L, E, E]`` (cross-layer counts; ``[a, a]`` blocks are co-activation)
+        or, with ``cross_layer=False``, ``[L, E, E]`` co-activation counts.
+      pairs, same_first, any_shared: consecutive-token counts ``[L]`` (see ``metrics.consecutive_counts``).
+      token_ids, token_counts: per-token-id counts ``[n, len(vocab_layers), E]`` (int32).
+      group_load: ``{label: int64 [L, E]}`` load per group (domain, channel, ...).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, k: int, *, vocab_layers: Sequence[int] | None = None,
+                 cross_layer: bool = True):
+        L, E = num_layers, num_experts
+        self.num_layers, self.num_experts, self.k = L, E, k
+        self.vocab_layers = tuple(range(L)) if vocab_layers is None else tuple(vocab_layers)
+        self.cross_layer = cross_layer
+        self.tokens = 0
+        self.load = np.zeros((L, E), np.int64)
+        self.first_load = np.zeros((L, E), np.int64)
+        self.prob_sum = np.zeros((L, E), np.float64)
+        self.entropy_sum = np.zeros(L, np.float64)
+        self.gate_entropy_sum = np.zeros(L, np.float64)
+        self.logit_tokens = 0
+        self.gate_tokens = 0
+        self.pair_counts = np.zeros((L, L, E, E) if cross_layer else (L, E, E), np.int64)
+        self.pairs = np.zeros(L, np.int64)
+        self.same_first = np.zeros(L, np.int64)
+        self.any_shared = np.zeros(L, np.int64)
+        self._row_of: dict[int, int] = {}
+        self._token_counts = np.zeros((0, len(self.vocab_layers), E), np.int32)
+        self.group_load: dict[object, np.ndarray] = {}
+        self._last: np.ndarray | None = None  # [L, k] routing of the previous chunk's last valid token
+
+    # -- feeding ---------------------------------------------------------------------------------
+    def update(self, expert_ids_LTk: np.ndarray, router_logits_LTE: np.ndarray | None = None, *,
+               gates_LTk: np.ndarray | None = None, tokens_T: np.ndarray | None = None,
+               valid_T: np.ndarray | None = None, labels=None, continues: bool = True) -> None:
+        """Add one chunk of one sequence.
+
+        Args:
+          expert_ids_LTk: int ``[L, T, k]``.
+          router_logits_LTE: float ``[L, T, E]`` (for probabilities and entropy), or None.
+          gates_LTk: float ``[L, T, k]`` (for the gate entropy), or None.
+          tokens_T: int ``[T]`` token ids (for vocabulary specialization), or None.
+          valid_T: bool ``[T]``; False tokens (padding) are ignored everywhere.
+          labels: a group label for the whole chunk (e.g. a domain name), or ``[T]`` labels per
+            token (e.g. the harmony channel), or None.
+          continues: this chunk follows the previous one in the same sequence (the pair of
+            neighbouring tokens across the boundary is counted); False starts a new sequence.
+        """
+        ids = np.asarray(expert_ids_LTk)
+        L, T, k = ids.shape
+        if (L, k) != (self.num_layers, self.k):
+            raise ValueError(f"expected routings [L={self.num_layers}, T, k={self.k}], got {ids.shape}")
+        valid = np.ones(T, bool) if valid_T is None else np.asarray(valid_T, bool).reshape(T)
+        if not valid.all():
+            ids = ids[:, valid]
+            router_logits_LTE = None if router_logits_LTE is None else np.asarray(router_logits_LTE)[:, valid]
+            gates_LTk = None if gates_LTk is None else np.asarray(gates_LTk)[:, valid]
+            tokens_T = None if tokens_T is None else np.asarray(tokens_T).reshape(T)[valid]
+            if labels is not None and np.ndim(labels) == 1 and len(labels) == T:
+                labels = np.asarray(labels)[valid]
+        T = ids.shape[1]
+        if not continues:
+            self._last = None
+        if T == 0:
+            return
+        E = self.num_experts
+        self.tokens += T
+        self.load += M.expert_counts(ids, E)
+        self.first_load += M.expert_counts(ids, E, first_only=True)
+        if router_logits_LTE is not None:
+            logp = M.router_log_probs(router_logits_LTE)  # one exp pass serves P_i and the entropy
+            p = np.exp(logp)
+            self.prob_sum += p.sum(1, dtype=np.float64)
+            self.entropy_sum -= np.sum(p * logp, axis=-1).sum(1, dtype=np.float64)
+            self.logit_tokens += T
+        if gates_LTk is not None:
+            self.gate_entropy_sum += M.gate_entropy(gates_LTk).sum(1)
+            self.gate_tokens += T
+        if self.cross_layer:
+            self.pair_counts += M.cross_layer_counts(ids, E)
+        else:
+            self.pair_counts += M.coactivation_counts(ids, E)
+        # Neighbouring tokens, including the pair across the chunk boundary.
+        joined = ids if self._last is None else np.concatenate([self._last[:, None], ids], axis=1)
+        pairs, same, shared = M.consecutive_counts(joined)
+        self.pairs += pairs
+        self.same_first += same
+        self.any_shared += shared
+        self._last = ids[:, -1].copy()
+        if tokens_T is not None and self.vocab_layers:
+            self._add_tokens(np.asarray(tokens_T).reshape(T), ids[list(self.vocab_layers)])
+        if labels is not None:
+            if np.ndim(labels) == 0:
+                self._add_group(labels, M.expert_counts(ids, E))
+            else:
+                labels = np.asarray(labels)
+                for label in np.unique(labels):
+                    self._add_group(label.item(), M.expert_counts(ids, E, valid=(labels == label)[None]))
+
+    def update_trace(self, trace, labels=None, continues: bool = True) -> None:
+        """Add an ``oss_jax.trace.Trace`` (a ``[T]`` one, or each row of a ``[B, T]`` one as its own sequence)."""
+        if trace.tokens.ndim == 2:
+            for b in range(trace.tokens.shape[0]):
+                row_labels = labels[b] if labels is not None and np.ndim(labels) == 2 else labels
+                self.update(trace.expert_ids[:, b], None if trace.router_logits is None else trace.router_logits[:, b],
+                            gates_LTk=None if trace.gates is None else trace.gates[:, b], tokens_T=trace.tokens[b],
+                            valid_T=trace.valid[b], labels=row_labels, continues=False)
+            return
+        self.update(trace.expert_ids, trace.router_logits, gates_LTk=trace.gates, tokens_T=trace.tokens,
+                    valid_T=trace.valid, labels=labels, continues=continues)
+
+    def _rows(self, token_ids: np.ndarray) -> np.ndarray:
+        """Rows of ``_token_counts`` for distinct token ids, allocating (and growing) as needed."""
+        rows = np.empty(len(token_ids), np.int64)
+        for i, tok in enumerate(np.asarray(token_ids).tolist()):
+            row = self._row_of.get(tok)
+            if row is None:
+                row = self._row_of[tok] = len(self._row_of)
+            rows[i] = row
+        n, cap = len(self._row_of), self._token_counts.shape[0]
+        if n > cap:  # grow by doubling: amortised O(1) per new id
+            grown = np.zeros((max(n, 2 * cap, 64), *self._token_counts.shape[1:]), np.int32)
+            grown[:cap] = self._token_counts
+            self._token_counts = grown
+        return rows
+
+    def _add_tokens(self, tokens_T: np.ndarray, ids_lTk: np.ndarray) -> None:
+        uniq, counts_lnE = M.token_expert_counts(tokens_T, ids_lTk, self.num_experts)
+        rows = self._rows(uniq)
+        self._token_counts[rows] += counts_lnE.transpose(1, 0, 2).astype(np.int32)  # rows are distinct
+
+    def _add_group(self, label, counts_LE: np.ndarray) -> None:
+        if label not in self.group_load:
+            self.group_load[label] = np.zeros_like(self.load)
+        self.group_load[label] += counts_LE
+
+    def merge(self, other: RoutingStats) -> RoutingStats:
+        """Add another accumulator's sums (e.g. from another process or corpus shard) into this one.
+
+        The consecutive-token state is not merged: the two runs are separate sequences.
+        """
+        for name in ("load", "first_load", "prob_sum", "entropy_sum", "gate_entropy_sum", "pair_counts",
+                     "pairs", "same_first", "any_shared"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.tokens += other.tokens
+        self.logit_tokens += other.logit_tokens
+        self.gate_tokens += other.gate_tokens
+        if other.vocab_layers != self.vocab_layers:
+            raise ValueError(f"vocab_layers differ: {self.vocab_layers} vs {other.vocab_layers}")
+        rows = self._rows(other.token_ids)  # may reallocate _token_counts: index it afterwards
+        self._token_counts[rows] += other.token_counts
+        for label, load in other.group_load.items():
+            self._add_group(label, load)
+        return self
+
+    # -- reading -----------------------------------------------------------------------------------
+    @property
+    def token_ids(self) -> np.ndarray:
+        """int64 ``[n]``: the distinct token ids seen, in order of first appearance."""
+        return np.fromiter(self._row_of.keys(), np.int64, len(self._row_of))
+
+    @property
+    def token_counts(self) -> np.ndarray:
+        """int32 ``[n, len(vocab_layers), E]``: routings of each token id to each expert."""
+        return self._token_counts[:len(self._row_of)]
+
+    @property
+    def coactivation_counts(self) -> np.ndarray:
+        """int64 ``[L, E, E]``: ``N(i, j)`` per layer."""
+        if not self.cross_layer:
+            return self.pair_counts
+        return np.stack([self.pair_counts[a, a] for a in range(self.num_layers)])
+
+    def summary(self, min_count: int = 5) -> dict[str, object]:
+        """Every routing metric, per layer where it applies (numpy arrays; see ``oss_jax.metrics``).
+
+        Keys: ``load`` (fractions ``[L, E]``), ``cv``, ``max_vio``, ``switch_loss``, ``entropy``,
+        ``gate_entropy`` (``[L]`` means, nats), ``coactivation`` ``[L, E, E]``,
+        ``cross_layer`` ``[L, L, E, E]`` (if kept), ``consecutive_first``, ``consecutive_any`` ``[L]``,
+        ``vocab_specialization`` ``[len(vocab_layers)]`` (mean over token ids seen at least
+        ``min_count`` times, weighted by occurrences), ``domain_specialization`` ``{label: [L]}``,
+        ``baselines`` (uniformly random routing), ``tokens``.
+        """
+        E, k = self.num_experts, self.k
+        out: dict[str, object] = {"tokens": self.tokens, "load": M.load_fractions(self.load),
+                                  "cv": M.coefficient_of_variation(self.load), "max_vio": M.max_violation(self.load)}
+        if self.logit_tokens:
+            out["switch_loss"] = M.switch_loss(self.load, self.prob_sum / self.logit_tokens)
+            out["entropy"] = self.entropy_sum / self.logit_tokens
+        if self.gate_tokens:
+            out["gate_entropy"] = self.gate_entropy_sum / self.gate_tokens
+        out["coactivation"] = M.coactivation(self.coactivation_counts)
+        if self.cross_layer:
+            out["cross_layer"] = M.cross_layer_cooccurrence(self.pair_counts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["consecutive_first"] = self.same_first / self.pairs
+            out["consecutive_any"] = self.any_shared / self.pairs
+        if len(self._row_of):
+            counts = self.token_counts.transpose(1, 0, 2)  # [l, n, E]
+            ids, spec = M.vocabulary_specialization(self.token_ids, counts, k, min_count=min_count)
+            occ = counts.sum(-1)[:, np.isin(self.token_ids, ids)] / k
+            out["vocab_specialization"] = (spec * occ).sum(-1) / np.maximum(occ.sum(-1), 1)
+        out["domain_specialization"] = {g: M.domain_specialization(c, k) for g, c in self.group_load.items()}
+        first, anyk = M.consecutive_baseline(E, k)
+        out["baselines"] = {"cv": M.cv_baseline(max(self.tokens, 1), E, k), "entropy": math.log(E),
+                            "gate_entropy": math.log(k), "switch_loss": 1.0,
+                            "coactivation": M.coactivation_baseline(E, k),
+                            "specialization": M.specialization_baseline(E, k), "cross_layer": k / E,
+                            "consecutive_first": first, "consecutive_any": anyk}
+        return out
+
+    def js_divergence(self, label_a, label_b) -> np.ndarray:
+        """``[L]``: Jensen-Shannon divergence (bits) between two groups' expert distributions."""
+        return M.js_divergence(self.group_load[label_a], self.group_load[label_b])
+
+
+class SinkStats:
+    """Sums of sink mass ``[L, T, N]`` by layer and head, and by layer and position bin.
+
+    Args:
+      num_layers, num_heads: L, N.
+      edges: position bin edges for the by-position means (default: powers of two up to 2^17,
+        i.e. bins [0,1), [1,2), [2,4), ... so short and 128k-long contexts both read well).
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, edges: np.ndarray | None = None):
+        self.edges = np.concatenate([[0], 2 ** np.arange(18)]) if edges is None else np.asarray(edges)
+        P = len(self.edges) - 1
+        self.queries = 0
+        self.sum_LN = np.zeros((num_layers, num_heads))
+        self.sum_LP = np.zeros((num_layers, P))
+        self.count_P = np.zeros(P)
+
+    def update(self, sink_mass_LTN: np.ndarray, positions_T: np.ndarray) -> None:
+        """Add one chunk: sink mass ``[L, T, N]`` of queries at ``positions [T]`` (negative: padding)."""
+        x = np.asarray(sink_mass_LTN)
+        pos = np.asarray(positions_T).reshape(-1)
+        keep = pos >= 0
+        if not keep.all():
+            x, pos = x[:, keep], pos[keep]
+        self.queries += len(pos)
+        self.sum_LN += x.sum(1, dtype=np.float64)
+        which = np.searchsorted(self.edges, pos, side="right") - 1
+        inside = (which >= 0) & (which < len(self.edges) - 1)
+        P = len(self.count_P)
+        self.count_P += np.bincount(which[inside], minlength=P)
+        head_mean = x.mean(-1, dtype=np.float64)
+        for layer in range(x.shape[0]):
+            self.sum_LP[layer] += np.bincount(which[inside], weights=head_mean[layer, inside], minlength=P)
+
+    def update_trace(self, trace) -> None:
+        """Add an ``oss_jax.trace.Trace`` (rows of a ``[B, T]`` one one by one)."""
+        if trace.tokens.ndim == 2:
+            for b in range(trace.tokens.shape[0]):
+                self.update(trace.sink_mass[:, b], trace.positions[b])
+        else:
+            self.update(trace.sink_mass, trace.positions)
+
+    def by_head(self) -> np.ndarray:
+        """``[L, N]`` mean sink mass (as ``metrics.sink_mass_by_head``)."""
+        return self.sum_LN / max(self.queries, 1)
+
+    def by_layer_type(self, sliding_L: np.ndarray) -> dict[str, float]:
+        """``{"sliding": ..., "full": ...}`` means (as ``metrics.sink_mass_by_layer_type``)."""
+        by_layer = self.by_head().mean(-1)
+        s = np.asarray(sliding_L, bool)
+        return {"sliding": float(by_layer[s].mean()) if s.any() else math.nan,
+                "full": float(by_layer[~s].mean()) if (~s).any() else math.nan}
+
+    def by_position(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(edges [P + 1], mean over heads [L, P])`` (as ``metrics.sink_mass_by_position``)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.edges, self.sum_LP / self.count_P
