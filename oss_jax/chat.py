@@ -61,6 +61,13 @@ class ChannelStream:
             return self.channel, new
         return self.channel, ""
 
+    def flush(self) -> tuple[str | None, str]:
+        """At the end of generation: a "header" that never got its ``<|message|>`` was text."""
+        if self.state != "header" or not self._header:
+            return self.channel, ""
+        text, self._header = harmony.decode([t for t in self._header if t < harmony.STARTOFTEXT]), []
+        return None, text
+
     def _channel(self) -> str | None:
         if harmony.CHANNEL not in self._header:
             return None
@@ -104,4 +111,8 @@ def chat(model: GptOss, messages: str | Sequence[harmony.MessageLike], effort: s
     out = generate(model, [prompt], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, stop_tokens=harmony.STOP_TOKENS, key=key,
                    on_token=on_token if on_text else None)
+    if on_text:
+        channel, text = stream.flush()
+        if text:
+            on_text(channel, text)
     return harmony.Reply.from_tokens([int(t) for t in out[0] if t != PAD])

@@ -121,3 +121,6 @@ def test_channel_stream_shows_text_without_header():
     shown = [stream.feed(t) for t in harmony.encode(words)]
     assert "".join(text for _, text in shown) == words
     assert {channel for channel, text in shown if text} == {None}
+    short = ChannelStream()
+    assert all(short.feed(t) == (None, "") for t in harmony.encode("a short answer"))
+    assert short.flush() == (None, "a short answer")
