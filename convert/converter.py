@@ -9,8 +9,10 @@ Output layout (``DST/``)::
     oss_jax.json          written last: format marker, expert storage, group list
 
 Everything is written under a temporary sibling directory that is renamed to ``DST`` only when
-complete, so an interrupted conversion never leaves something that loads. Peak memory is one
-group (a layer of packed 20b is about 0.4 GB; the embedding 1.2 GB).
+complete, so an interrupted conversion never leaves something that loads. Peak memory is a few
+times the largest group (a layer of packed 20b is about 0.4 GB; the embedding 1.2 GB): the group
+being saved, the next tensor (already read when the group changes) and orbax's copies while it
+saves; 4.3 GiB measured for gpt-oss-20b (``benchmarks/results/real_size_load.md``).
 """
 
 from __future__ import annotations
