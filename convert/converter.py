@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,12 +52,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     cfg = source.config
     if not dst.parent.is_dir():
         raise CheckpointError(f"{dst.parent}: no such directory")
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     ckpt = ocp.StandardCheckpointer()
     groups: list[str] = []
-    try:
-        (tmp / "params").mkdir(parents=True)
+    with checkpoint.atomic_directory(dst) as tmp:
+        (tmp / "params").mkdir()
         tree: dict = {}
         current: str | None = None
 
@@ -89,10 +86,4 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
         meta = {"format": ORBAX_FORMAT, "version": 1, "experts": "mxfp4" if source.mxfp4 else "dense",
                 "groups": groups, "source_layout": source.layout}
         (tmp / ORBAX_MARKER).write_text(json.dumps(meta, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

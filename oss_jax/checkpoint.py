@@ -12,9 +12,11 @@ memory is the model it builds plus the tensor in flight.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -260,6 +262,23 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray] | Iterato
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``dst`` to fill; it replaces ``dst`` only if the block
+    completes. On any exception (Ctrl-C included) it is deleted, so nothing half-written remains."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def list_tensors(directory: Path) -> dict[str, TensorInfo]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,24 +153,16 @@ def write_random_checkpoint(out: str | os.PathLike, cfg: Config, *, seed: int = 
             if bar is not None:
                 bar.update(sizes[name])
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        for fname, names in zip(files, groups, strict=True):
-            checkpoint.write_safetensors(tmp / fname, generate(names),
-                                         shapes={n: specs[n] for n in names}, metadata={"format": "pt"})
-        if shards > 1:
-            index = {"metadata": {"total_size": sum(sizes.values())},
-                     "weight_map": {n: f for f, names in zip(files, groups, strict=True) for n in names}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with checkpoint.atomic_directory(out) as tmp:
+            for fname, names in zip(files, groups, strict=True):
+                checkpoint.write_safetensors(tmp / fname, generate(names),
+                                             shapes={n: specs[n] for n in names}, metadata={"format": "pt"})
+            if shards > 1:
+                index = {"metadata": {"total_size": sum(sizes.values())},
+                         "weight_map": {n: f for f, names in zip(files, groups, strict=True) for n in names}}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
     finally:
         if bar is not None:
             bar.close()
