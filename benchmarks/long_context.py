@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from common import cpu_name, save
 
 CHILD = """
 import json, resource, sys, time
@@ -89,15 +89,9 @@ def main() -> None:
         rows.append(f"| {name} KV cache at 131072 tokens, bf16, full length on every layer | {human(full)} |")
     import jax
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
-    head = (f"Machine: {cpu}, {os.cpu_count()} cores, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+    head = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
             f"Command: `.venv/bin/python benchmarks/long_context.py --tokens {args.tokens} --chunk {args.chunk}`\n")
-    text = head + "\n" + "\n".join(rows) + "\n"
-    print(text)
-    out = Path(__file__).parent / "results" / "long_context.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
+    save("long_context.md", head + "\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 N_TOKENS = 16
@@ -222,14 +224,7 @@ def run_phase(name: str, *args: str, need_gib: float, wait_s: float, env: dict) 
 def machine() -> dict:
     import jax
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     versions = {"jax": jax.__version__}
     for mod in ("jaxlib", "flax", "orbax.checkpoint", "numpy"):

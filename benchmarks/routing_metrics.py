@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_name, save
+
 METRICS_CHILD = r"""
 import json, resource, sys, time, tracemalloc
 import numpy as np
@@ -177,10 +179,8 @@ def main() -> None:
         gen_rows.append(f"| {name} | {64 / statistics.median(times):.0f} | {per_round} | {min(times):.3f} "
                         f"| {statistics.median(r['warmup_s'] for r in runs[name]):.1f} | {', '.join(hashes)} |")
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
     cmd = " ".join(["benchmarks/routing_metrics.py", *sys.argv[1:]])
-    text = (f"Machine: {cpu}, {os.cpu_count()} cores (shared with other jobs: timings drift), "
+    text = (f"Machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs: timings drift), "
             f"Python {platform.python_version()}, jax {jax.__version__}, CPU backend, {time.strftime('%Y-%m-%d')}\n\n"
             f"Command: `.venv/bin/python {cmd}`\n\n"
             f"## Metrics over {T} tokens of a gpt-oss-20b-shaped routing\n\n"
@@ -193,10 +193,7 @@ def main() -> None:
             f"`oss_jax.generate`, small random model (fp32, 4 layers, hidden 256, 8 experts top-2, vocab 1000), "
             f"batch 1, 16-token prompt, 64 new tokens, {args.calls} timed calls after a warm-up, "
             f"{args.rounds} alternating rounds per code version.\n\n" + "\n".join(gen_rows) + "\n")
-    print(text)
-    out = Path(__file__).parent / "results" / "routing_metrics.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
+    save("routing_metrics.md", text)
 
 
 if __name__ == "__main__":
