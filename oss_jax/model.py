@@ -26,10 +26,13 @@ from flax import nnx
 from oss_jax import attention, mxfp4, rope
 from oss_jax.cache import KVCache, LayerCache
 from oss_jax.config import Config
+from oss_jax.vocab import TokenMap
 
 f32 = jnp.float32
 # Attention materialises [T, S] logits per head up to this many entries, then goes blockwise.
 NAIVE_MAX = 1 << 20
+# Rows per tile of the "sorted" expert dispatch (at most): bigger tiles, fewer weight copies.
+SORTED_TILE = 256
 
 
 class Packed(nnx.Variable):
@@ -177,6 +180,11 @@ class Attention(nnx.Module):
             _sow(self, "sink_mass", 1.0 - mass[..., 0])
 
 
+def _next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (int(n) - 1).bit_length()
+
+
 def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
     """gpt-oss's clamped SwiGLU on interleaved ``[..., 2F]`` (gate = even, linear = odd) -> ``[..., F]``."""
     gate, lin = h[..., 0::2], h[..., 1::2]
@@ -194,6 +202,11 @@ class Experts(nnx.Module):
       * ``"gather"``: each token decodes just its k chosen experts (decode steps: few tokens);
       * ``"scan"``: a loop over experts decodes one expert at a time and applies it to every
         token, weighted by that token's gate (zero when not chosen); memory is one expert.
+      * ``"dense"``: every expert on every token in one einsum (E/k times the useful work; simple,
+        and fast when E/k is small).
+      * ``"sorted"``: (token, expert) pairs sorted by expert into tiles of one expert each, then
+        one batched matmul over the tiles: a grouped matmul, like ``jax.lax.ragged_dot`` (which
+        XLA's CPU backend runs slower than dense). About N*k rows of work; the training default.
 
     ``dispatch="auto"`` picks gather when tokens x k < E, else scan.
     """
@@ -259,9 +272,49 @@ class Experts(nnx.Module):
                 return acc_ND + coef_N[:, None] * y.astype(f32), None
 
             out, _ = jax.lax.scan(step, jnp.zeros(x_ND.shape, f32), jnp.arange(E))
+        elif mode == "dense":
+            w1, w2 = self.weights(jnp.arange(E))  # [E, D, 2F], [E, F, D]
+            h = jnp.einsum("nd,edf->nef", x_ND, w1) + b1
+            y = jnp.einsum("nef,efd->ned", swiglu(h, self.limit, self.alpha), w2) + b2
+            coef_NE = jnp.einsum("nk,nke->ne", gates_Nk, jax.nn.one_hot(idx_Nk, E, dtype=f32))
+            out = jnp.einsum("ned,ne->nd", y.astype(f32), coef_NE)
+        elif mode == "sorted":
+            out = self._sorted(x_ND, idx_Nk, gates_Nk)
         else:
-            raise ValueError(f"unknown expert dispatch {mode!r} (use 'auto', 'gather' or 'scan')")
+            raise ValueError(f"unknown expert dispatch {mode!r} (use 'auto', 'gather', 'scan', 'dense' "
+                             f"or 'sorted')")
         return out
+
+    def _sorted(self, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array) -> jax.Array:
+        """Grouped matmul: the N*k (token, expert) rows sorted by expert, padded to tiles of M rows
+        that each belong to one expert, then ``[tiles, M, D] @ w[expert of tile]``. No token is
+        dropped: at most ``N*k/M + E`` tiles are needed, a static bound."""
+        N, k = idx_Nk.shape
+        D = x_ND.shape[-1]
+        E = self.gate_up_bias_EF2.shape[0]
+        P = N * k
+        M = int(min(SORTED_TILE, max(8, _next_pow2(-(-P // E)))))  # rows per tile
+        n_tiles = -(-P // M) + E
+        flat = idx_Nk.reshape(-1)
+        order = jnp.argsort(flat, stable=True)  # rows grouped by expert
+        e_sorted = flat[order]
+        sizes = jnp.bincount(flat, length=E)
+        padded = -(-sizes // M) * M  # each expert's rows rounded up to whole tiles
+        rank = jnp.arange(P) - (jnp.cumsum(sizes) - sizes)[e_sorted]  # row within its expert
+        dest = (jnp.cumsum(padded) - padded)[e_sorted] + rank
+        tok = jnp.full((n_tiles * M,), N, jnp.int32).at[dest].set((order // k).astype(jnp.int32))
+        gate = jnp.zeros((n_tiles * M,), f32).at[dest].set(gates_Nk.reshape(-1)[order])
+        tile_e = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * M, side="right"), E - 1)
+        if self.packed:  # decode each expert once, not once per tile
+            w1_E, w2_E = self.weights(jnp.arange(E))
+            w1, w2 = w1_E[tile_e], w2_E[tile_e]
+        else:
+            w1, w2 = self.weights(tile_e)  # [tiles, D, 2F], [tiles, F, D]
+        x_tMD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[tok].reshape(n_tiles, M, D)
+        h = jnp.einsum("tmd,tdf->tmf", x_tMD, w1) + self.gate_up_bias_EF2[...][tile_e][:, None]
+        y = jnp.einsum("tmf,tfd->tmd", swiglu(h, self.limit, self.alpha), w2) + self.down_bias_ED[...][tile_e][:, None]
+        y = y.reshape(n_tiles * M, D).astype(f32) * gate[:, None]  # padding rows have gate 0
+        return jnp.zeros((N + 1, D), f32).at[tok].add(y)[:N]
 
 
 class MoE(nnx.Module):
@@ -330,9 +383,14 @@ class GptOss(nnx.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
         self.unembed_VD = _param((V, D), dtype, rngs)
         self.recording: Recording | None = None  # static: see Recording
+        # Static. Set for a model whose vocabulary is a subset of o200k_harmony (the bundled tiny
+        # model): model(), generate, chat and trace then take and return o200k ids; apply and
+        # forward, and the logits' last axis, use the model's own ids (see oss_jax.vocab).
+        self.token_map: TokenMap | None = None
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        tokens_BT = self._check_tokens(tokens_BT)
+        """Logits ``[B, T, V]`` float32 for tokens ``[B, T]`` (o200k ids; see ``token_map``)."""
+        tokens_BT = self._check_tokens(self.model_ids(tokens_BT))
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -382,6 +440,12 @@ class GptOss(nnx.Module):
             length = jnp.maximum(cache.length, jnp.max(positions_BT, axis=1) + 1)
             cache = KVCache(layers=new_layers, length=length)
         return logits, cache
+
+    def model_ids(self, tokens):
+        """o200k ids -> this model's ids: the identity unless the model has a ``token_map``."""
+        if self.token_map is None or isinstance(tokens, jax.core.Tracer):
+            return tokens
+        return self.token_map.to_model(tokens)
 
     def _check_tokens(self, tokens) -> jax.Array:
         """Reject what would otherwise fail silently: wrong rank or dtype, ids out of range."""
