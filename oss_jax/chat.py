@@ -95,7 +95,7 @@ def chat(model: GptOss, messages: str | Sequence[harmony.MessageLike], effort: s
       ``harmony.Reply`` with ``.analysis``, ``.final``, ``.messages`` and ``.tokens``.
     """
     vocab = model.config.vocab_size
-    if vocab <= harmony.CALL:
+    if model.token_map is None and vocab <= harmony.CALL:
         raise ValueError(f"this model's vocabulary has {vocab} tokens; chat needs the harmony special "
                          f"tokens (ids up to {harmony.CALL}), i.e. an o200k_harmony model")
     prompt = harmony.render(messages, effort)

@@ -131,6 +131,12 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
       New tokens, int32 numpy ``[B, max_new_tokens]`` (and the cache when asked).
     """
     cfg = model.config
+    tmap = model.token_map
+    if tmap is not None:  # o200k ids in and out; the model itself works in its own ids
+        tokens = [tmap.to_model(p) for p in tokens]
+        stop_tokens = [int(s) for s in tmap.to_model([s for s in stop_tokens if s in tmap])]
+        if on_token is not None:
+            on_token = functools.partial(_mapped_callback, on_token, tmap)
     tokens, positions = left_pad(tokens)
     model._check_tokens(tokens)
     B, T = tokens.shape
@@ -184,4 +190,10 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
             on_token(out[:, i])
             if bool(jnp.all(done)):
                 break
+    if tmap is not None:
+        out = tmap.to_o200k(out)
     return (out, cache) if return_cache else out
+
+
+def _mapped_callback(on_token: Callable[[np.ndarray], None], tmap, toks_B: np.ndarray) -> None:
+    on_token(tmap.to_o200k(toks_B))

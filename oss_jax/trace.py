@@ -162,6 +162,8 @@ def _build(model: GptOss, records: dict, entropy, predicted, tokens_BT, position
 
     residual = records.get("residual")
     window = recording.attention_window
+    if model.token_map is not None:  # token ids in a Trace are o200k ids, whatever the model's vocabulary
+        tokens_BT, predicted = model.token_map.to_o200k(tokens_BT), model.token_map.to_o200k(predicted)
     return Trace(
         tokens=cut(tokens_BT, 1), positions=cut(positions_BT, 1),
         router_logits=cut(_per_layer(records, L, "mlp", "router_logits"), 2),
@@ -205,7 +207,7 @@ def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: 
     """
     tokens = np.asarray(tokens)
     squeeze = tokens.ndim == 1
-    tokens_BT = model._check_tokens(tokens[None] if squeeze else tokens)
+    tokens_BT = model._check_tokens(model.model_ids(tokens[None] if squeeze else tokens))
     B, T = tokens_BT.shape
     if positions is None:
         positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -231,7 +233,7 @@ def trace_chunks(model: GptOss, tokens, *, chunk: int = 256, router: bool = True
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"trace_chunks takes one sequence [T], got shape {tokens.shape}")
-    tokens_BT = model._check_tokens(tokens[None])
+    tokens_BT = model._check_tokens(model.model_ids(tokens[None]))
     T = tokens_BT.shape[1]
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
