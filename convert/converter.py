@@ -27,6 +27,7 @@ import numpy as np
 from oss_jax import checkpoint
 from oss_jax.checkpoint import CheckpointError, Path_
 from oss_jax.load import ORBAX_FORMAT, ORBAX_MARKER, resolve
+from oss_jax.vocab import TokenMap
 
 
 def group_of(path: Path_) -> tuple[str, Path_]:
@@ -83,6 +84,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
                 node[str(key[-1])] = np.ascontiguousarray(a)
         flush()
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+        token_map = TokenMap.load(source.directory)  # a small model's vocabulary travels with it
+        if token_map is not None:
+            token_map.save(tmp)
         meta = {"format": ORBAX_FORMAT, "version": 1, "experts": "mxfp4" if source.mxfp4 else "dense",
                 "groups": groups, "source_layout": source.layout}
         (tmp / ORBAX_MARKER).write_text(json.dumps(meta, indent=2))

@@ -589,3 +589,39 @@ def dequantize_experts(params: dict[Path_, np.ndarray], layer: int, dtype) -> di
         w = np.asarray(mxfp4.decode(blocks, scales, dtype))
         out[("layers", layer, "mlp", "experts", dense)] = np.swapaxes(w, -1, -2)
     return out
+
+
+# -- model parameters -> HF names (the writer's side) ---------------------------------------------
+def from_params(cfg: Config, params: dict[Path_, np.ndarray], *,
+                mxfp4_experts: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """The HF tensors of a model's parameters: the inverse of ``to_params``, layer by layer.
+
+    ``params`` maps parameter paths to arrays in the model's layout (dense experts). With
+    ``mxfp4_experts`` the expert weights are encoded (``mxfp4.encode``) into HF's blocks/scales.
+    """
+    yield "model.embed_tokens.weight", params[("embed_VD",)]
+    N, K, H, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    for i in range(cfg.num_hidden_layers):
+        pre, layer = f"model.layers.{i}.", ("layers", i)
+        for p, heads in (("q", N), ("k", K), ("v", K)):
+            w = params[layer + ("attn", f"w{p}_D{'N' if p == 'q' else 'K'}H")]
+            b = params[layer + ("attn", f"b{p}_{'N' if p == 'q' else 'K'}H")]
+            yield f"{pre}self_attn.{p}_proj.weight", w.reshape(D, heads * H).T
+            yield f"{pre}self_attn.{p}_proj.bias", b.reshape(heads * H)
+        yield f"{pre}self_attn.o_proj.weight", params[layer + ("attn", "wo_NHD")].reshape(N * H, D).T
+        for name, path in _LAYER_PARAMS.items():
+            if path[-1] in ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales",
+                            "gate_up_EDF2", "down_EFD"):
+                continue
+            yield pre + name, params[layer + path]
+        w1, w2 = params[layer + ("mlp", "experts", "gate_up_EDF2")], params[layer + ("mlp", "experts", "down_EFD")]
+        if not mxfp4_experts:
+            yield f"{pre}mlp.experts.gate_up_proj", w1
+            yield f"{pre}mlp.experts.down_proj", w2
+            continue
+        for proj, w in (("gate_up_proj", w1), ("down_proj", w2)):
+            blocks, scales = mxfp4.encode(np.swapaxes(np.asarray(w, np.float32), -1, -2))  # [E, out, in]
+            yield f"{pre}mlp.experts.{proj}_blocks", np.asarray(blocks)
+            yield f"{pre}mlp.experts.{proj}_scales", np.asarray(scales)
+    yield "model.norm.weight", params[("norm", "scale")]
+    yield "lm_head.weight", params[("unembed_VD",)]

@@ -18,26 +18,38 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from oss_jax import checkpoint, mxfp4, sharding
+from oss_jax import checkpoint, harmony, mxfp4, sharding
 from oss_jax.checkpoint import CheckpointError, LazyTensor, Path_
 from oss_jax.config import Config
 from oss_jax.model import GptOss
+from oss_jax.vocab import TokenMap
 
 ORBAX_MARKER = "oss_jax.json"
 ORBAX_FORMAT = "oss-jax/orbax"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def load(source: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16", experts: str = "auto",
+TINY_DIR = Path(__file__).parent / "tiny"  # the bundled model (oss_jax.train --ship installs it)
+
+
+def tiny_snapshots() -> dict[int, Path]:
+    """The bundled model's training snapshots: ``{step: checkpoint directory}`` (load each with ``load``)."""
+    root = TINY_DIR / "snapshots"
+    return {int(p.name.split("-")[1]): p for p in sorted(root.glob("step-*"))} if root.exists() else {}
+
+
+def load(source: str | os.PathLike, dtype: str | jnp.dtype | None = None, experts: str = "auto",
          revision: str | None = None, progress: bool = False, mesh: Mesh | None = None) -> GptOss:
     """Load a gpt-oss model.
 
     Args:
-      source: a Hugging Face checkpoint directory (one or sharded safetensors, MXFP4 or dense
-        experts), OpenAI's ``original/`` directory, a directory written by ``oss-jax convert``,
+      source: ``"tiny"`` (the bundled model, offline), a Hugging Face checkpoint directory (one
+        or sharded safetensors, MXFP4 or dense experts), OpenAI's ``original/`` directory, a
+        directory written by ``oss-jax convert``,
         or a hub repo id such as ``"openai/gpt-oss-20b"`` (downloaded with ``huggingface_hub``;
         ``HF_HUB_OFFLINE=1`` restricts it to the local cache).
-      dtype: parameter dtype, ``"bfloat16"`` (default) or ``"float32"``.
+      dtype: parameter dtype, ``"bfloat16"`` or ``"float32"``; default bfloat16, except float32
+        for ``"tiny"`` (4M parameters: precision costs nothing there).
       experts: ``"auto"`` keeps MXFP4 experts packed (decoded on the fly) and dense ones dense;
         ``"dense"`` dequantizes packed experts to ``dtype`` at load; ``"packed"`` insists on MXFP4.
       revision: hub revision, for repo ids.
@@ -50,10 +62,18 @@ def load(source: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16", experts
     Returns:
       A ``GptOss`` module: ``model(tokens [B, T] int32) -> logits [B, T, V] float32``.
     """
-    dtype = _float_dtype(dtype)
+    if str(source) == "tiny" and not Path("tiny").exists():
+        source = TINY_DIR / "model"
+        if not (source / "config.json").exists():
+            raise CheckpointError(f"the bundled tiny model is missing from {TINY_DIR} (train it: oss-jax train --ship)")
+        dtype = dtype or "float32"
+    dtype = _float_dtype(dtype or "bfloat16")
     if experts not in ("auto", "packed", "dense"):
         raise ValueError(f"experts must be 'auto', 'packed' or 'dense', got {experts!r}")
     path = resolve(source, revision)
+    token_map = TokenMap.load(path)
+    if token_map is not None and len(token_map) != _vocab_size(path):
+        raise CheckpointError(f"{path}: vocab.json maps {len(token_map)} ids, the model has {_vocab_size(path)}")
     if (path / ORBAX_MARKER).exists():
         cfg, stored_packed, groups = open_orbax(path)
         tensors: Iterable[tuple[Path_, np.ndarray]] = read_orbax(path, groups)
@@ -71,7 +91,58 @@ def load(source: str | os.PathLike, dtype: str | jnp.dtype = "bfloat16", experts
     packed = stored_packed and experts != "dense"
     if progress:
         tensors = _progress(tensors, total, f"loading {path.name}")
-    return build(cfg, tensors, packed=packed, stored_packed=stored_packed, dtype=dtype, mesh=mesh)
+    model = build(cfg, tensors, packed=packed, stored_packed=stored_packed, dtype=dtype, mesh=mesh)
+    model.token_map = token_map
+    return model
+
+
+def _vocab_size(path: Path) -> int | None:
+    try:
+        return int(json.loads((path / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # open_checkpoint reports a bad config properly
+
+
+def save(model: GptOss, dst: str | os.PathLike, *, mxfp4: bool = True, float_dtype: str = "bfloat16",
+         token_map: TokenMap | None = None, extra: dict | None = None) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint directory (``config.json``, ``model.safetensors``).
+
+    The directory loads with ``oss_jax.load`` and with ``transformers.GptOssForCausalLM`` (whose
+    vocabulary is then the model's own ids). Written to a temporary directory and renamed when
+    complete, so an interrupted save leaves nothing that loads.
+
+    Args:
+      model: a model with dense experts (as trained).
+      dst: the directory to (re)place.
+      mxfp4: store the experts as MXFP4 blocks and scales (``mxfp4.encode``), as gpt-oss does.
+      float_dtype: dtype of every other tensor (``"bfloat16"`` as gpt-oss, or ``"float32"``).
+      token_map: a small model's vocabulary map, saved as ``vocab.json`` (default: the model's).
+      extra: JSON-able notes stored in ``config.json`` under ``"oss_jax"``.
+    """
+    token_map = token_map if token_map is not None else model.token_map
+    if model.layers[0].mlp.experts.packed:
+        raise ValueError("save() writes models with dense experts (load with experts='dense')")
+    np_dtype = np.dtype(_float_dtype(float_dtype))
+    cfg = model.config.replace(quant_method="mxfp4" if mxfp4 else None)
+    params = {tuple(path): np.asarray(var.get_value()) for path, var in nnx.iter_graph(model)
+              if isinstance(var, nnx.Variable)}
+    tensors = {name: (arr if arr.dtype == np.uint8 else arr.astype(np_dtype))
+               for name, arr in checkpoint.from_params(cfg, params, mxfp4_experts=mxfp4)}
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(np_dtype)
+    if cfg.vocab_size <= hf["eos_token_id"]:  # a small vocabulary: o200k's <|return|> is not an id of it
+        hf["pad_token_id"] = None
+        hf["eos_token_id"] = int(token_map.to_model([harmony.RETURN])[0]) if token_map is not None else None
+    if extra:
+        hf["oss_jax"] = extra
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with checkpoint.atomic_directory(dst) as tmp:
+        checkpoint.write_safetensors(tmp / "model.safetensors", tensors)
+        if token_map is not None:
+            token_map.save(tmp)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=1))
+    return dst
 
 
 def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray | LazyTensor]], *, packed: bool,
@@ -157,7 +228,8 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         raise CheckpointError("loading from the hub needs `pip install huggingface_hub`") from None
     try:
         snap = snapshot_download(repo_id, revision=revision,
-                                 allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"],
+                                 allow_patterns=["config.json", "vocab.json", "*.safetensors",
+                                                 "*.safetensors.index.json"],
                                  ignore_patterns=["original/*", "metal/*"])
     except LocalEntryNotFoundError:
         raise CheckpointError(f"{repo_id}: not in the local hub cache and downloads are off "

@@ -1,0 +1,233 @@
+"""Synthetic harmony conversations for training the bundled tiny model.
+
+Every example is a whole conversation in the harmony format: the standard system message with
+``Reasoning: low|medium|high``, a user question, and the assistant's reply: an ``analysis``
+message whose detail follows the effort (none at low, a sketch at medium, every step at high),
+then the ``final`` answer. Five task families with their own vocabulary give experts domains to
+specialise in:
+
+=========  ==========================================================  ===================
+family     question                                                    answer
+=========  ==========================================================  ===================
+add        ``What is 347 + 885?`` (0 <= a, b <= 999)                   ``1232``
+sort       ``Sort these numbers from smallest to largest: 42, 7, 19.`` ``7, 19, 42``
+reverse    ``Reverse the letters: p l a n e t``                        ``t e n a l p``
+count      ``How many times does cat appear in: dog cat bird cat?``    ``2``
+lookup     ``Ana has 3 figs. Ben has 8 pears. How many pears ...?``    ``8``
+=========  ==========================================================  ===================
+
+Determinism: ``example(seed, index)`` depends on nothing else, so a training run can regenerate
+batch ``i`` after a restart. Held-out split by construction: each question has a *key* (the pair
+``(a, b)``, the word, the list, ...) and ``is_heldout(key)`` puts about 10% of keys in the test
+split by a hash of the key; training only ever draws train keys and evaluation only test keys.
+
+Tokens: the prompt is rendered by ``oss_jax.harmony`` exactly as ``chat`` renders it. In the
+assistant's text every digit is its own token (o200k groups digits in threes, "1232" -> "123",
+"2"): decoding gives the same text, and a 4M-parameter model can copy digits one at a time where
+it could not learn to compose a thousand three-digit tokens from a few examples each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+
+from oss_jax import harmony
+
+FAMILIES = ("add", "sort", "reverse", "count", "lookup")
+MIX = {"add": 0.4, "sort": 0.15, "reverse": 0.15, "count": 0.15, "lookup": 0.15}  # share of training data
+EFFORTS = ("low", "medium", "high")
+HELDOUT_PERCENT = 10
+
+WORDS = ("apple", "bread", "cloud", "dance", "eagle", "flame", "grape", "house", "island", "jelly",
+         "kite", "lemon", "mango", "night", "ocean", "piano", "queen", "river", "stone", "tiger",
+         "umbrella", "violet", "water", "yellow", "zebra", "anchor", "basket", "candle", "dragon",
+         "forest", "garden", "hammer", "jacket", "kettle", "ladder", "market", "needle", "orange",
+         "pepper", "rabbit", "saddle", "tunnel", "velvet", "window", "planet", "silver", "winter",
+         "summer", "castle", "bottle", "mirror", "pencil", "rocket", "spider", "turtle", "wizard",
+         "sun", "cup", "map", "fox", "owl", "box", "pen", "bus", "jam", "net", "leaf", "frog",
+         "milk", "ship", "road", "song", "star", "tree", "wind", "gold")
+ANIMALS = ("cat", "dog", "bird", "fish", "frog", "horse", "sheep", "duck")
+NAMES = ("Ana", "Ben", "Cara", "Dan", "Eva", "Finn", "Gina", "Hugo", "Ivy", "Jack", "Kate", "Leo")
+ITEMS = ("apples", "pears", "plums", "figs", "coins", "books", "cards", "shells", "stamps", "keys")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One conversation: its family, effort, held-out key, texts and answer."""
+
+    family: str
+    effort: str
+    key: tuple
+    question: str
+    analysis: str  # empty: no analysis message
+    final: str
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation as ``oss_jax.harmony`` messages (the system message is implied)."""
+        reply = [{"role": "assistant", "channel": "analysis", "content": self.analysis}] if self.analysis else []
+        return [{"role": "user", "content": self.question}, *reply,
+                {"role": "assistant", "channel": "final", "content": self.final}]
+
+
+def is_heldout(family: str, key: tuple) -> bool:
+    """The split, by construction: a hash of the question's key, about 10% held out."""
+    return zlib.crc32(repr((family, key)).encode()) % 100 < HELDOUT_PERCENT
+
+
+# -- the five families: rng -> (key, question, {effort: analysis}, final) -----------------------------
+def _add(rng: np.random.Generator):
+    a, b = (int(x) for x in rng.integers(0, 1000, 2))
+    pa, pb = f"{a:03d}", f"{b:03d}"
+    steps, carry = [], 0
+    for col, name in zip(range(2, -1, -1), ("Ones", "Tens", "Hundreds"), strict=True):
+        x, y = int(pa[col]), int(pb[col])
+        s = x + y + carry
+        steps.append(f"{name}: {x} + {y} + {carry} = {s}, write {s % 10} carry {s // 10}.")
+        carry = s // 10
+    total = a + b
+    high = f"Pad to three digits: {pa} + {pb}. " + " ".join(steps) + f" Result: {total}."
+    medium = f"Column by column from the right, with carries: the sum is {total}."
+    return (a, b), f"What is {a} + {b}?", {"low": "", "medium": medium, "high": high}, str(total)
+
+
+def _sort(rng: np.random.Generator):
+    n = int(rng.integers(3, 6))
+    nums = [int(x) for x in rng.choice(100, n, replace=False)]
+    order = sorted(nums)
+    high = f"There are {n} numbers. The smallest is {order[0]}. " + " ".join(f"Then {x}." for x in order[1:])
+    medium = f"The smallest is {order[0]} and the largest is {order[-1]}."
+    q = "Sort these numbers from smallest to largest: " + ", ".join(map(str, nums)) + "."
+    return tuple(nums), q, {"low": "", "medium": medium, "high": high}, ", ".join(map(str, order))
+
+
+def _reverse(rng: np.random.Generator):
+    word = WORDS[int(rng.integers(len(WORDS)))]
+    letters = " ".join(word)
+    back = " ".join(reversed(word))
+    high = f"The letters are {letters}, {len(word)} of them. From the end: " + ", ".join(reversed(word)) + "."
+    medium = f"{len(word)} letters, read from the end."
+    return (word,), f"Reverse the letters: {letters}", {"low": "", "medium": medium, "high": high}, back
+
+
+def _count(rng: np.random.Generator):
+    target = ANIMALS[int(rng.integers(len(ANIMALS)))]
+    n = int(rng.integers(4, 10))
+    items = [ANIMALS[int(i)] for i in rng.integers(len(ANIMALS), size=n)]
+    if target not in items and rng.random() < 0.8:
+        items[int(rng.integers(n))] = target
+    seen, steps = 0, []
+    for it in items:
+        if it == target:
+            seen += 1
+            steps.append(f"{it} {seen}")
+        else:
+            steps.append(f"{it} no")
+    high = "Go through the list: " + ", ".join(steps) + f". Total {seen}."
+    medium = f"{target} appears {seen} times."
+    q = f"How many times does {target} appear in: {' '.join(items)}?"
+    return (target, *items), q, {"low": "", "medium": medium, "high": high}, str(seen)
+
+
+def _lookup(rng: np.random.Generator):
+    n = int(rng.integers(2, 5))
+    names = [NAMES[int(i)] for i in rng.choice(len(NAMES), n, replace=False)]
+    items = [ITEMS[int(i)] for i in rng.choice(len(ITEMS), n, replace=False)]
+    counts = [int(c) for c in rng.integers(1, 10, n)]
+    j = int(rng.integers(n))
+    facts = " ".join(f"{p} has {c} {it}." for p, c, it in zip(names, counts, items, strict=True))
+    q = f"{facts} How many {items[j]} does {names[j]} have?"
+    high = f"The question asks about {names[j]} and {items[j]}. {names[j]} has {counts[j]} {items[j]}. " \
+           f"So the answer is {counts[j]}."
+    medium = f"{names[j]} has {counts[j]}."
+    return (*names, *items, *counts, j), q, {"low": "", "medium": medium, "high": high}, str(counts[j])
+
+
+_MAKERS: dict[str, Callable] = {"add": _add, "sort": _sort, "reverse": _reverse, "count": _count, "lookup": _lookup}
+
+
+def make(family: str, effort: str, rng: np.random.Generator, heldout: bool = False) -> Example:
+    """One example of ``family`` at ``effort`` from the requested split (rejection sampling)."""
+    if family not in _MAKERS or effort not in EFFORTS:
+        raise ValueError(f"unknown family {family!r} or effort {effort!r}")
+    while True:
+        key, question, analyses, final = _MAKERS[family](rng)
+        if is_heldout(family, key) == heldout:
+            return Example(family, effort, key, question, analyses[effort], final)
+
+
+def example(seed: int, index: int, heldout: bool = False, effort: str | None = None) -> Example:
+    """Example number ``index`` of the stream ``seed``: family by ``MIX``, effort uniform unless given."""
+    rng = np.random.default_rng([seed, index, int(heldout)])
+    family = FAMILIES[int(rng.choice(len(FAMILIES), p=[MIX[f] for f in FAMILIES]))]
+    drawn = EFFORTS[int(rng.integers(len(EFFORTS)))]
+    return make(family, effort or drawn, rng, heldout)
+
+
+# -- tokens --------------------------------------------------------------------------------------
+_SPLIT: dict[int, list[int]] = {}  # o200k id -> its digit tokens (or itself)
+
+
+def split_digits(ids: list[int]) -> list[int]:
+    """Replace each multi-digit o200k token ("347") with one token per digit ("3", "4", "7")."""
+    out = []
+    for t in ids:
+        if t not in _SPLIT:
+            text = harmony.decode([t])
+            _SPLIT[t] = [harmony.encode(c)[0] for c in text] if len(text) > 1 and text.isdigit() else [t]
+        out.extend(_SPLIT[t])
+    return out
+
+
+def assistant_tokens(text: str) -> list[int]:
+    """How the assistant writes ``text``: o200k tokens, digits one per token."""
+    return split_digits(harmony.encode(text))
+
+
+@functools.cache
+def _header(channel: str) -> list[int]:
+    return [harmony.CHANNEL, *harmony.encode(channel), harmony.MESSAGE]
+
+
+def completion(ex: Example) -> list[int]:
+    """What the model writes after ``<|start|>assistant``: [analysis message], final message."""
+    out: list[int] = []
+    if ex.analysis:
+        out += _header("analysis") + assistant_tokens(ex.analysis) + [harmony.END, harmony.START]
+        out += harmony.encode("assistant")
+    return out + _header("final") + assistant_tokens(ex.final) + [harmony.RETURN]
+
+
+def tokens(ex: Example) -> tuple[list[int], list[int]]:
+    """``(prompt, completion)`` o200k ids: the prompt exactly as ``chat`` renders it."""
+    return harmony.render(ex.question, ex.effort), completion(ex)
+
+
+def vocabulary() -> list[int]:
+    """Every o200k id the corpus can use, sorted: the tiny model's vocabulary.
+
+    Built from the templates by enumeration (every number 0..999 in both operand places, every
+    word, name, item and animal, every effort) plus a large sample of whole conversations, so no
+    question the generator can produce has a token outside it.
+    """
+    ids: set[int] = set()
+    for ex in (example(0, i, heldout=h) for i in range(4000) for h in (False, True)):
+        prompt, comp = tokens(ex)
+        ids.update(prompt)
+        ids.update(comp)
+    for n in range(1000):
+        ids.update(harmony.render(f"What is {n} + {n}?", "low"))
+        ids.update(harmony.encode(f"Sort these numbers from smallest to largest: {n}, {n}."))
+    for w in (*WORDS, *ANIMALS, *NAMES, *ITEMS):
+        for text in (w, f" {w}", f"{w}.", f" {w}.", f"{w}?", f" {w}?", " ".join(w)):
+            ids.update(harmony.encode(text))
+    for effort in EFFORTS:
+        ids.update(harmony.render("x", effort))
+    ids.update(harmony.encode(str(d))[0] for d in range(10))
+    ids.update((harmony.RETURN, harmony.CALL, harmony.END, harmony.START, harmony.MESSAGE, harmony.CHANNEL))
+    return sorted(ids)
