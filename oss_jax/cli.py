@@ -1,4 +1,7 @@
-"""The ``oss-jax`` command line: ``convert``, ``generate``, ``chat`` and ``plan``."""
+"""The ``oss-jax`` command line: ``chat``, ``generate``, ``eval``, ``train``, ``convert`` and ``plan``.
+
+Every model option defaults to the bundled tiny model (``--model tiny``), offline.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ def _convert(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):
     import oss_jax
 
-    return oss_jax.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+    return oss_jax.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty() and args.model != "tiny")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -38,7 +41,8 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         prompt = harmony.encode(args.prompt if args.prompt is not None else sys.stdin.read())
     model = _load(args)
-    text_of = harmony.decode if model.config.vocab_size == harmony.VOCAB_SIZE else None
+    known = model.token_map is not None or model.config.vocab_size == harmony.VOCAB_SIZE
+    text_of = harmony.decode if known else None
     shown: list[int] = []
 
     def stream(toks) -> None:
@@ -116,10 +120,54 @@ def _plan(args: argparse.Namespace) -> None:
                chunk=args.prefill_chunk))
 
 
+def _train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from oss_jax import train
+
+    tc = train.TrainConfig()
+    if args.steps is not None:
+        tc = dataclasses.replace(tc, steps=args.steps)
+    if args.seed is not None:
+        tc = dataclasses.replace(tc, seed=args.seed)
+    model = train.train(args.out, tc, progress=not args.no_progress)
+    print(f"trained: {args.out}/model")
+    if args.eval:
+        _write_eval(train.evaluate_run(model, args.out, per_cell=args.per_cell), args.out)
+    if args.ship:
+        print(f"installed as oss_jax.load('tiny'): {train.ship(args.out)}")
+
+
+def _write_eval(results, out) -> None:
+    from pathlib import Path
+
+    from oss_jax import evaluate
+
+    print(evaluate.table(results))
+    (Path(out) / "eval.json").write_text(json.dumps(evaluate.as_json(results), indent=1))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import oss_jax
+    from oss_jax import evaluate
+
+    results = {}
+    for experts in args.experts:
+        model = oss_jax.load(args.model, dtype=args.dtype, experts=experts)
+        name = {"auto": "as stored", "packed": "MXFP4 packed", "dense": "experts decoded at load"}
+        results[name[experts]] = evaluate.evaluate(model, per_cell=args.per_cell, seed=args.seed)
+    if args.json:
+        print(json.dumps(evaluate.as_json(results)))
+    else:
+        print(evaluate.table(results))
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="checkpoint directory, converted orbax checkpoint, or hub repo id")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (the bundled model, default), a checkpoint directory, a converted orbax "
+                        "checkpoint, or a hub repo id")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="parameter dtype (default: float32 for tiny, else bfloat16)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
@@ -156,6 +204,27 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--show-reasoning", action=argparse.BooleanOptionalAction, default=True,
                     help="show the analysis channel, dimmed and labelled (default: shown)")
     ch.set_defaults(func=_chat)
+
+    ev = sub.add_parser("eval", help="exact-match accuracy on held-out questions, per family and effort")
+    ev.add_argument("--model", default="tiny", help="a model trained on oss_jax.data (default: the bundled one)")
+    ev.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    ev.add_argument("--per-cell", type=int, default=50, help="questions per family and effort")
+    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--experts", nargs="+", default=["packed", "dense"], choices=["auto", "packed", "dense"],
+                    help="expert storage variants to compare (default: MXFP4 packed vs decoded at load)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_eval)
+
+    tr = sub.add_parser("train", help="train the tiny model from scratch (resumes an interrupted run)")
+    tr.add_argument("--out", default="runs/tiny", help="run directory (checkpoints, metrics, exports)")
+    tr.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
+    tr.add_argument("--seed", type=int, help="data and initialisation seed (default 0)")
+    tr.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                    help="evaluate at the end: unquantized float32 vs the MXFP4 export (default: on)")
+    tr.add_argument("--per-cell", type=int, default=50, help="evaluation questions per family and effort")
+    tr.add_argument("--ship", action="store_true", help="install the result as the bundled model (oss_jax/tiny)")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=_train)
 
     pl = sub.add_parser("plan", help="memory per device for a model, mesh and context (no device needed)")
     pl.add_argument("--model", default="gpt-oss-20b",

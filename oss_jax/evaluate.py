@@ -1,0 +1,89 @@
+"""Exact-match evaluation on held-out questions, per task family and reasoning effort.
+
+    oss-jax eval                       # the bundled model: packed MXFP4 experts vs decoded to bf16
+    oss-jax eval --model runs/tiny/model --per-cell 100 --json
+
+Questions come from the held-out split of ``oss_jax.data`` (keys the training stream never
+draws). Each is asked through ``chat``'s path exactly (harmony prompt, greedy generation until
+``<|return|>``, harmony parse), and counts as correct when the parsed final answer equals the
+expected one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from oss_jax import data, harmony
+from oss_jax.generate import PAD, generate
+from oss_jax.model import GptOss
+
+MAX_NEW = {"low": 32, "medium": 64, "high": 160}  # tokens; the longest completions are 14, 43, 103
+
+
+@dataclasses.dataclass
+class Cell:
+    """Results for one (family, effort): ``correct`` of ``n``, mean analysis length in tokens."""
+
+    family: str
+    effort: str
+    n: int
+    correct: int
+    analysis_tokens: float
+    examples: list[dict] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+
+def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: Sequence[str] = data.FAMILIES,
+             efforts: Sequence[str] = data.EFFORTS, keep_examples: int = 3) -> list[Cell]:
+    """Ask ``per_cell`` held-out questions of every family at every effort (greedy).
+
+    Returns one :class:`Cell` per (family, effort), with up to ``keep_examples`` transcripts.
+    """
+    cells = []
+    for family in families:
+        for effort in efforts:
+            rng = np.random.default_rng([seed, data.FAMILIES.index(family), data.EFFORTS.index(effort)])
+            exs = [data.make(family, effort, rng, heldout=True) for _ in range(per_cell)]
+            out = generate(model, [harmony.render(ex.question, effort) for ex in exs], max_new_tokens=MAX_NEW[effort],
+                           temperature=0.0, stop_tokens=harmony.STOP_TOKENS)
+            correct, lengths, kept = 0, [], []
+            for ex, row in zip(exs, out, strict=True):
+                reply = harmony.Reply.from_tokens([int(t) for t in row if t != PAD])
+                ok = reply.final.strip() == ex.final
+                correct += ok
+                lengths.append(len(data.assistant_tokens(reply.analysis)) if reply.analysis else 0)
+                if len(kept) < keep_examples:
+                    kept.append({"question": ex.question, "expected": ex.final, "final": reply.final,
+                                 "analysis": reply.analysis, "correct": bool(ok)})
+            cells.append(Cell(family, effort, per_cell, correct, float(np.mean(lengths)), kept))
+    return cells
+
+
+def table(results: dict[str, list[Cell]]) -> str:
+    """A markdown table: one row per family and effort, one accuracy column per evaluated variant,
+    then the mean analysis length (tokens) of the first variant."""
+    names = list(results)
+    first = results[names[0]]
+    lines = ["| family | effort | " + " | ".join(f"{n} accuracy" for n in names) + " | analysis tokens |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for i, cell in enumerate(first):
+        accs = " | ".join(f"{results[n][i].accuracy:.1%} ({results[n][i].correct}/{results[n][i].n})" for n in names)
+        lines.append(f"| {cell.family} | {cell.effort} | {accs} | {cell.analysis_tokens:.1f} |")
+    for effort in dict.fromkeys(c.effort for c in first):
+        sel = [i for i, c in enumerate(first) if c.effort == effort]
+        accs = " | ".join(f"{np.mean([results[n][i].accuracy for i in sel]):.1%}" for n in names)
+        length = np.mean([first[i].analysis_tokens for i in sel])
+        lines.append(f"| **all** | {effort} | {accs} | {length:.1f} |")
+    return "\n".join(lines)
+
+
+def as_json(results: dict[str, list[Cell]]) -> dict:
+    """``{variant: [cell dicts]}`` for ``--json`` and the shipped ``eval.json``."""
+    return {name: [{**dataclasses.asdict(c), "accuracy": c.accuracy} for c in cells]
+            for name, cells in results.items()}

@@ -1,0 +1,330 @@
+"""Training a small gpt-oss with optax: the recipe behind the bundled tiny model.
+
+    oss-jax train --out runs/tiny             # from scratch (or resumes runs/tiny), then exports
+    oss-jax train --out runs/tiny --ship      # ... and installs the result as oss_jax.load("tiny")
+
+The loss is next-token cross-entropy on the assistant's tokens only (the prompt is context), plus
+two router losses, each switchable (``lb_coef = 0`` or ``z_coef = 0`` turns it off) and logged:
+
+- load balancing (Switch Transformer, Fedus et al. 2021, eq. 4): ``E * sum_e f_e * P_e`` per
+  layer, where ``f_e`` is the share of (token, choice) slots routed to expert e and ``P_e`` the
+  mean router probability of e. It is 1 when routing is uniform, and pushes towards it.
+- router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): ``mean(logsumexp(router_logits)^2)``, which
+  keeps router logits small so that the top-k choice stays stable in low precision.
+
+The router logits come from the model's own tracing hooks (``Recording``, ``nnx.capture``), the
+same ones ``oss_jax.trace`` uses, so training runs the very forward pass that inference runs.
+
+Reproducible and resumable: batch ``i`` is a pure function of ``(seed, i)`` (``oss_jax.data``),
+and an orbax checkpoint of (parameters, optimizer state) is written every ``checkpoint_every``
+steps; a run that is interrupted and started again ends with the same weights, bit for bit, as
+one that was not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from oss_jax import data
+from oss_jax.config import Config
+from oss_jax.load import TINY_DIR, save
+from oss_jax.model import GptOss, Recording
+from oss_jax.vocab import TokenMap
+
+f32 = jnp.float32
+
+
+def tiny_config(vocab_size: int) -> Config:
+    """The bundled model: every gpt-oss feature at small scale (about 4M parameters).
+
+    Sinks, alternating sliding (64-token) and full attention, YaRN RoPE with gpt-oss's own
+    constants, 16 experts with top-4 routing, clamped SwiGLU, biases; sizes all different
+    (4 query heads x 48 = 192 != hidden 128) as in the real models.
+    """
+    return Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=48, num_experts=16, experts_per_token=4,
+                  sliding_window=64, quant_method="mxfp4")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on (saved with its checkpoints)."""
+
+    steps: int = 1600
+    batch: int = 16
+    # Each step trains on one effort (low, medium, high), drawn with these weights, padded to that
+    # effort's length: a third of the compute padding cost of one length for all.
+    effort_mix: tuple[float, float, float] = (0.2, 0.2, 0.6)
+    seq_lens: tuple[int, int, int] = (112, 128, 176)  # the longest conversations are 101, 121, 167 tokens
+    lr: float = 3e-3
+    warmup: int = 100
+    final_lr_ratio: float = 0.05  # cosine decay from lr to lr * final_lr_ratio
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    lb_coef: float = 0.01
+    z_coef: float = 1e-3
+    seed: int = 0
+    checkpoint_every: int = 200
+    snapshot_steps: tuple[int, ...] = (100, 300, 1000)  # whole small checkpoints kept for the notebooks
+    log_every: int = 10
+
+
+# -- data -----------------------------------------------------------------------------------------
+def batch_effort(tc: TrainConfig, step: int) -> str:
+    """The reasoning effort of every conversation in batch ``step``."""
+    return data.EFFORTS[int(np.random.default_rng([tc.seed, step, 7]).choice(3, p=tc.effort_mix))]
+
+
+def make_batch(tmap: TokenMap, tc: TrainConfig, step: int) -> dict[str, np.ndarray]:
+    """Batch ``step`` of the training stream (a pure function of the seed and step): model ids
+    ``tokens [B, T+1]``, ``positions [B, T]`` (-1 on padding), ``mask [B, T]`` (1 where the
+    target is an assistant token). One effort per batch, T its ``seq_lens`` entry."""
+    effort, batch = batch_effort(tc, step), tc.batch
+    seq_len = tc.seq_lens[data.EFFORTS.index(effort)]
+    tokens = np.zeros((batch, seq_len + 1), np.int32)
+    mask = np.zeros((batch, seq_len), np.float32)
+    positions = np.full((batch, seq_len), -1, np.int32)
+    for b in range(batch):
+        prompt, comp = data.tokens(data.example(tc.seed, step * batch + b, effort=effort))
+        ids = tmap.to_model(prompt + comp, strict=True)
+        n = len(ids)
+        if n > seq_len + 1:
+            raise ValueError(f"a conversation of {n} tokens exceeds seq_len + 1 = {seq_len + 1}")
+        tokens[b, :n] = ids
+        positions[b, :n - 1] = np.arange(n - 1)
+        mask[b, len(prompt) - 1:n - 1] = 1.0  # targets prompt[-1]+1 .. end: the completion
+    return {"tokens": tokens, "positions": positions, "mask": mask}
+
+
+# -- model ----------------------------------------------------------------------------------------
+def init_model(cfg: Config, seed: int) -> GptOss:
+    """A float32 model with dense experts: weights N(0, 0.02) (output projections scaled by
+    1/sqrt(2L), as GPT-2), biases and sinks 0, norm scales 1. Filled from numpy (fast, and the same
+    on every machine)."""
+    model = nnx.eval_shape(lambda: GptOss(cfg, packed=False, dtype=f32))
+    rng = np.random.default_rng(seed)
+    out_std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers)
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Variable):
+            continue
+        name, shape = str(path[-1]), var.get_value().shape
+        if name == "scale":
+            value = np.ones(shape, np.float32)
+        elif name.startswith(("b", "sinks", "router_bias", "gate_up_bias", "down_bias")):
+            value = np.zeros(shape, np.float32)
+        else:
+            std = out_std if name in ("wo_NHD", "down_EFD") else 0.02
+            value = (std * rng.standard_normal(shape)).astype(np.float32)
+        var.set_value(jnp.asarray(value))
+    return model
+
+
+def _for_training(model: GptOss) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph with router recording on and grouped-matmul experts, and its state."""
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state)
+    for _, module in nnx.iter_modules(copy):
+        if hasattr(module, "recording"):
+            module.recording = Recording(router=True, sinks=False, residual=False)
+        if hasattr(module, "dispatch"):
+            module.dispatch = "sorted"
+    return nnx.split(copy)
+
+
+def losses(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array], lb_coef: float,
+           z_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(total loss, metrics)`` for one batch (see the module docstring)."""
+    model = nnx.merge(graphdef, params)
+    tokens, positions, mask = batch["tokens"], batch["positions"], batch["mask"]
+    (logits, _), inter = nnx.capture(GptOss.apply, nnx.Intermediate)(model, tokens[:, :-1], positions)
+    targets = tokens[:, 1:]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    n = jnp.maximum(mask.sum(), 1.0)
+    ce = jnp.sum(nll * mask) / n
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / n
+    valid = (positions >= 0).astype(f32)  # router losses over every real token
+    lb, z, spread = [], [], []
+    records = nnx.to_pure_dict(inter)["layers"]
+    E = model.config.num_experts
+    for i in range(model.config.num_hidden_layers):
+        mlp = records[i]["mlp"]
+        rl, ids = mlp["router_logits"], mlp["expert_ids"]
+        w = valid[..., None]
+        probs = jax.nn.softmax(rl, axis=-1)
+        p_e = jnp.sum(probs * w, axis=(0, 1)) / valid.sum()
+        f_e = jnp.sum(jax.nn.one_hot(ids, E) * w[..., None], axis=(0, 1, 2)) / (valid.sum() * ids.shape[-1])
+        lb.append(E * jnp.sum(f_e * p_e))
+        z.append(jnp.sum(jax.nn.logsumexp(rl, axis=-1) ** 2 * valid) / valid.sum())
+        spread.append(jnp.std(f_e) / jnp.mean(f_e))  # coefficient of variation of the expert load
+    lb_loss, z_loss = jnp.mean(jnp.stack(lb)), jnp.mean(jnp.stack(z))
+    total = ce + lb_coef * lb_loss + z_coef * z_loss
+    return total, {"loss": total, "ce": ce, "lb_loss": lb_loss, "z_loss": z_loss, "accuracy": accuracy,
+                   "load_spread": jnp.stack(spread)}
+
+
+@functools.cache  # one object per configuration: the compiled train_step is keyed on it
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup, cosine decay and global-norm clipping; no decay on vectors."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1),
+                                                  end_value=tc.lr * tc.final_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(optax.clip_by_global_norm(tc.clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6), donate_argnums=(2, 3))
+def train_step(graphdef: nnx.GraphDef, opt: optax.GradientTransformation, params, opt_state, batch,
+               lb_coef: float, z_coef: float):
+    """One optimizer step: ``(params, opt_state, metrics)``."""
+    grads, metrics = jax.grad(losses, argnums=1, has_aux=True)(graphdef, params, batch, lb_coef, z_coef)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+
+# -- the run --------------------------------------------------------------------------------------
+def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = True,
+          stop_after: int | None = None, on_metrics: Callable[[dict], None] | None = None) -> GptOss:
+    """Train (or resume) a tiny model in ``out``; returns the trained float32 model.
+
+    ``out`` gets ``checkpoints/`` (orbax: parameters + optimizer state, atomic), ``metrics.jsonl``
+    (one line per ``log_every`` steps), ``train_config.json``, ``snapshots/step-NNNNNN/`` (small
+    MXFP4 checkpoints at ``snapshot_steps``) and, at the end, ``model/`` (the final export).
+    ``stop_after``: stop (after checkpointing) at this step, as if interrupted; for tests.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "train_config.json"
+    if saved.exists() and json.loads(saved.read_text()) != _jsonable(tc):
+        raise ValueError(f"{out} holds a run with a different configuration ({saved}); use a new --out")
+    saved.write_text(json.dumps(_jsonable(tc), indent=1))
+    tmap = TokenMap(data.vocabulary())
+    cfg = tiny_config(len(tmap))
+    model = init_model(cfg, tc.seed)
+    graphdef, params = _for_training(model)
+    opt = optimizer(tc)
+    opt_state = opt.init(params)
+    manager = ocp.CheckpointManager(out.absolute() / "checkpoints",
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        abstract = {"params": params, "opt_state": opt_state}
+        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        params, opt_state = restored["params"], restored["opt_state"]
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    bar = _bar(progress, start, tc.steps)
+    t0 = time.perf_counter()
+    with metrics_path.open("a") as log:
+        for step in range(start, end):
+            batch = {k: jnp.asarray(v) for k, v in make_batch(tmap, tc, step).items()}
+            params, opt_state, metrics = train_step(graphdef, opt, params, opt_state, batch, tc.lb_coef, tc.z_coef)
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                row = {"step": done, "effort": batch_effort(tc, step),
+                       **{k: np.asarray(v).tolist() for k, v in metrics.items()},
+                       "seconds": round(time.perf_counter() - t0, 2)}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if on_metrics:
+                    on_metrics(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['ce']:.3f}", acc=f"{row['accuracy']:.3f}")
+            if bar is not None:
+                bar.update(1)
+            if done in tc.snapshot_steps:
+                export(_inference_model(graphdef, params), out / "snapshots" / f"step-{done:06d}", tmap,
+                       float_dtype="bfloat16", note={"step": done})
+            if done % tc.checkpoint_every == 0 or done == end:
+                manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+    manager.wait_until_finished()
+    manager.close()
+    if bar is not None:
+        bar.close()
+    trained = _inference_model(graphdef, params)
+    trained.token_map = tmap
+    if end == tc.steps:
+        export(trained, out / "model", tmap, note={"step": tc.steps})
+    return trained
+
+
+def evaluate_run(trained: GptOss, run_dir: str | Path, per_cell: int = 50) -> dict:
+    """Held-out accuracy of the float32 model as trained versus its MXFP4 export (``run_dir/model``):
+    what quantizing the experts costs. ``{variant name: [evaluate.Cell]}``."""
+    from oss_jax import evaluate
+    from oss_jax.load import load
+
+    exported = load(Path(run_dir) / "model", dtype="float32")
+    return {"float32 experts (as trained)": evaluate.evaluate(trained, per_cell=per_cell),
+            "MXFP4 experts (shipped)": evaluate.evaluate(exported, per_cell=per_cell)}
+
+
+def _inference_model(graphdef: nnx.GraphDef, params: nnx.State) -> GptOss:
+    """A plain model (no recording, automatic dispatch) on copies of the training parameters."""
+    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "recording"):
+            module.recording = None
+        if hasattr(module, "dispatch"):
+            module.dispatch = "auto"
+    return model
+
+
+def export(model: GptOss, dst: str | Path, tmap: TokenMap, *, float_dtype: str = "float32",
+           note: dict | None = None) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint with MXFP4 experts, plus its ``vocab.json``."""
+    return save(model, dst, mxfp4=True, float_dtype=float_dtype, token_map=tmap, extra=note)
+
+
+def ship(run_dir: str | Path, dst: str | Path = TINY_DIR) -> Path:
+    """Install a finished run as the bundled model: its ``model/``, ``snapshots/`` and metrics."""
+    run_dir, dst = Path(run_dir), Path(dst)
+    if not (run_dir / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir} has no finished model/ to ship")
+    from oss_jax.checkpoint import atomic_directory
+
+    with atomic_directory(dst) as tmp:
+        for item in ("model", "snapshots"):
+            if (run_dir / item).exists():
+                shutil.copytree(run_dir / item, tmp / item)
+        for item in ("metrics.jsonl", "train_config.json", "eval.json"):
+            if (run_dir / item).exists():
+                shutil.copy2(run_dir / item, tmp / item)
+    return dst
+
+
+def _jsonable(tc: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(tc)))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _bar(progress: bool, start: int, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step")

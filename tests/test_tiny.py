@@ -1,0 +1,190 @@
+"""The bundled tiny model: its data, its vocabulary, its training loop, its export and the shipped files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import GptOssForCausalLM
+
+import oss_jax
+from oss_jax import data, harmony, train
+from oss_jax.load import TINY_DIR, save, tiny_snapshots
+from oss_jax.vocab import UNKNOWN, TokenMap
+from tests.reference import hf_logits, load_hf_mxfp4, rel_err
+
+
+# -- data --------------------------------------------------------------------------------------------
+def test_generator_is_deterministic():
+    a = [data.example(3, i) for i in range(50)]
+    assert a == [data.example(3, i) for i in range(50)]
+    assert a != [data.example(4, i) for i in range(50)]
+    assert data.example(3, 7, effort="high").effort == "high"
+
+
+def test_heldout_split_is_disjoint():
+    train_ex = [data.example(0, i) for i in range(3000)]
+    test_ex = [data.example(0, i, heldout=True) for i in range(600)]
+    train_keys = {(e.family, e.key) for e in train_ex}
+    test_keys = {(e.family, e.key) for e in test_ex}
+    assert not train_keys & test_keys
+    assert {e.family for e in test_ex} == set(data.FAMILIES)
+    assert all(not data.is_heldout(e.family, e.key) for e in train_ex)
+    assert all(data.is_heldout(e.family, e.key) for e in test_ex)
+    # about 10% of addition pairs are held out, and the questions are phrased exactly
+    pairs = [(a, b) for a in range(0, 1000, 7) for b in range(0, 1000, 11)]
+    share = np.mean([data.is_heldout("add", p) for p in pairs])
+    assert 0.07 < share < 0.13
+    assert all(e.question == f"What is {e.key[0]} + {e.key[1]}?" for e in test_ex if e.family == "add")
+
+
+def test_effort_sets_the_analysis():
+    rng = lambda: np.random.default_rng(5)  # same question at each effort
+    low, med, high = (data.make("add", e, rng()) for e in data.EFFORTS)
+    assert low.analysis == "" and low.final == med.final == high.final
+    assert len(med.analysis) < len(high.analysis)
+    a, b = low.key
+    assert int(low.final) == a + b
+
+
+def test_conversations_parse_back_and_digits_are_single_tokens():
+    for i in range(200):
+        ex = data.example(1, i)
+        prompt, comp = data.tokens(ex)
+        assert prompt == harmony.render(ex.question, ex.effort)
+        reply = harmony.Reply.from_tokens(comp, strict=True)
+        assert reply.final == ex.final and reply.analysis == ex.analysis
+        digits = [t for t in comp if harmony.decode([t]).isdigit()]
+        assert all(len(harmony.decode([t])) == 1 for t in digits)
+
+
+# -- vocabulary ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tmap() -> TokenMap:
+    return TokenMap(data.vocabulary())
+
+
+def test_vocabulary_covers_the_corpus(tmap):
+    for i in range(1500):
+        for heldout in (False, True):
+            prompt, comp = data.tokens(data.example(11, i, heldout=heldout))
+            tmap.to_model(prompt + comp, strict=True)  # raises on any unknown token
+    assert len(tmap) < 2000
+
+
+def test_token_map_round_trip(tmp_path, tmap):
+    ids = harmony.render("What is 12 + 34?", "high")
+    model_ids = tmap.to_model(ids, strict=True)
+    assert model_ids.min() >= 1 and model_ids.max() < len(tmap)
+    np.testing.assert_array_equal(tmap.to_o200k(model_ids), ids)
+    np.testing.assert_array_equal(tmap.to_o200k([-1, 3]), [-1, tmap.o200k[3]])
+    with pytest.warns(UserWarning, match="not in this model's vocabulary"):
+        out = tmap.to_model(harmony.encode("Quantum chromodynamics"))
+    assert (out == UNKNOWN).any()
+    with pytest.raises(ValueError, match="not in this model's vocabulary"):
+        tmap.to_model(harmony.encode("Quantum chromodynamics"), strict=True)
+    with pytest.raises(ValueError, match="outside o200k_harmony"):
+        tmap.to_model([harmony.VOCAB_SIZE])
+    tmap.save(tmp_path)
+    again = TokenMap.load(tmp_path)
+    np.testing.assert_array_equal(again.o200k, tmap.o200k)
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a valid token map"):
+        TokenMap.load(tmp_path)
+
+
+# -- training ----------------------------------------------------------------------------------------------
+SHORT = train.TrainConfig(steps=6, batch=4, effort_mix=(0.0, 0.0, 1.0), warmup=2, lr=3e-3, checkpoint_every=3,
+                          snapshot_steps=(2,), log_every=1)
+
+
+def _params(model) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def test_loss_goes_down_and_resume_equals_uninterrupted(tmp_path):
+    straight = train.train(tmp_path / "a", SHORT, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["ce"] < rows[0]["ce"] - 0.5, [r["ce"] for r in rows]
+    assert {"lb_loss", "z_loss", "load_spread", "accuracy"} <= set(rows[0])
+    assert len(rows[0]["load_spread"]) == straight.config.num_hidden_layers
+    # interrupted after step 3 (its checkpoint), then started again with the same command
+    train.train(tmp_path / "b", SHORT, progress=False, stop_after=4)  # steps 4's work is lost
+    assert not (tmp_path / "b" / "model").exists()
+    resumed = train.train(tmp_path / "b", SHORT, progress=False)
+    for x, y in zip(_params(straight), _params(resumed), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 6
+    b_rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ce"] for r in b_rows] == [r["ce"] for r in rows]
+    # a different recipe in the same directory is refused, not mixed
+    with pytest.raises(ValueError, match="different configuration"):
+        train.train(tmp_path / "b", dataclasses.replace(SHORT, lr=1e-3), progress=False)
+    # the snapshot and the final export load, with their token map
+    snap = oss_jax.load(tmp_path / "a" / "snapshots" / "step-000002")
+    assert snap.token_map is not None and snap.layers[0].mlp.experts.packed
+    final = oss_jax.load(tmp_path / "a" / "model", dtype="float32")
+    prompt = harmony.render("What is 1 + 2?", "high")
+    np.testing.assert_allclose(np.asarray(final(np.array([prompt]))), np.asarray(straight(np.array([prompt]))),
+                               atol=0.25)  # MXFP4 experts vs the float32 ones
+
+
+def test_save_loads_in_transformers(tmp_path):
+    """The export is a real gpt-oss checkpoint: transformers reads it (model ids as its vocabulary)."""
+    model = train.init_model(train.tiny_config(300), seed=1)
+    tokens = np.random.default_rng(0).integers(0, 300, (1, 90))
+    for mx in (False, True):
+        path = save(model, tmp_path / f"m{int(mx)}", mxfp4=mx, float_dtype="float32")
+        ours = oss_jax.load(path, dtype="float32")
+        if mx:
+            theirs = load_hf_mxfp4(path)
+        else:
+            theirs = GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+        assert rel_err(np.asarray(ours(tokens)), hf_logits(theirs, tokens)) < 1e-4
+    np.testing.assert_allclose(np.asarray(oss_jax.load(tmp_path / "m0", dtype="float32")(tokens)),
+                               np.asarray(model(tokens)), rtol=0, atol=1e-5)
+
+
+# -- the shipped model ---------------------------------------------------------------------------------------
+shipped = pytest.mark.skipif(not (TINY_DIR / "model" / "config.json").exists(),
+                             reason="the bundled model is not installed (oss-jax train --ship)")
+
+
+@shipped
+def test_bundled_model_is_small_and_complete():
+    size = sum(p.stat().st_size for p in TINY_DIR.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20, f"oss_jax/tiny is {size / 2**20:.1f} MiB"
+    assert len(tiny_snapshots()) >= 3
+    cfg = json.loads((TINY_DIR / "model" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "mxfp4"
+    assert cfg["num_local_experts"] >= 16 and cfg["num_experts_per_tok"] == 4
+
+
+@shipped
+def test_bundled_model_loads_offline_and_answers(monkeypatch):
+    import socket
+
+    def no_network(*a, **k):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    model = oss_jax.load("tiny")
+    assert model.token_map is not None and len(model.token_map) == model.config.vocab_size
+    assert model.layers[0].mlp.experts.packed  # MXFP4 kept packed
+    rng = np.random.default_rng(99)
+    questions = [data.make(f, "high", rng, heldout=True) for f in data.FAMILIES for _ in range(2)]
+    right = 0
+    for ex in questions:
+        reply = oss_jax.chat(model, ex.question, effort="high", max_new_tokens=160)
+        right += reply.final == ex.final
+    assert right >= len(questions) - 2, f"{right}/{len(questions)} held-out questions answered"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        oss_jax.chat(model, "What is 5 + 7?", effort="low", max_new_tokens=8)
