@@ -22,6 +22,7 @@ from oss_jax.cache import KVCache
 from oss_jax.model import GptOss, compiled_apply
 
 PAD = -1  # fills the output after a row stops; never a real token id
+CACHE_ROUND = 256  # KV cache lengths are rounded up to a multiple of this (fewer compiled shapes)
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, temperature: float | jax.Array = 0.0,
@@ -153,10 +154,13 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
     stop = jnp.asarray(list(stop_tokens) or [PAD], jnp.int32)
     dtype = cache_dtype or model.embed_VD[...].dtype
     mesh = sharding.mesh_of(model)
+    # Shapes rounded up (cache to a multiple of CACHE_ROUND, the prefill chunk to a power of two) so
+    # that prompts of other lengths (chat turns, eval batches) reuse the compiled prefill and loop.
+    length = min(-(-(T + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND, cfg.max_position_embeddings)
     if mesh is None:
-        cache = KVCache.create(cfg, B, T + max_new_tokens, dtype)
+        cache = KVCache.create(cfg, B, length, dtype)
     else:  # a sharded model: the cache and the batch are sharded too (see oss_jax.sharding)
-        cache = sharding.make_cache(cfg, B, T + max_new_tokens, dtype, mesh)
+        cache = sharding.make_cache(cfg, B, length, dtype, mesh)
 
     # Prefill in chunks; the last chunk is right-padded (position -1) to keep one compiled shape.
     if mesh is None:
@@ -165,7 +169,7 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
     else:  # from numpy, so that every process of a multi-host mesh passes the same prompts
         tokens = sharding.shard_batch(np.asarray(tokens, np.int32), mesh)
         positions = sharding.shard_batch(positions, mesh)
-    C = min(prefill_chunk, T)
+    C = min(prefill_chunk, 1 << max(T - 1, 15).bit_length())  # >= T and >= 16
     logits = None
     graphdef, state = nnx.split(model)  # once: the compiled steps read these, never copy them
     for start in range(0, T, C):
