@@ -142,7 +142,8 @@ class Attention(nnx.Module):
             o = attention.blockwise_causal(q, keys, values, sinks, positions_BT, self.window)
         else:  # a prefill chunk against a long cache
             o = attention.blockwise(q, keys, values, sinks, positions_BT, k_pos, self.window)
-        if self.recording is not None:
+        rec = self.recording
+        if rec is not None and (rec.sinks or rec.attention_window is not None):
             self._record(q, keys, sinks, positions_BT, k_pos, long_self=cache is None)
         return jnp.einsum("btnh,nhd->btd", o, self.wo_NHD[...]) + self.bo_D[...], cache
 
