@@ -39,7 +39,7 @@ import numpy as np
 from oss_jax import harmony
 
 FAMILIES = ("add", "sort", "reverse", "count", "lookup")
-MIX = {"add": 0.4, "sort": 0.15, "reverse": 0.15, "count": 0.15, "lookup": 0.15}  # share of training data
+MIX = {"add": 0.5, "sort": 0.125, "reverse": 0.125, "count": 0.125, "lookup": 0.125}  # share of training data
 EFFORTS = ("low", "medium", "high")
 HELDOUT_PERCENT = 10
 

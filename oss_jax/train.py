@@ -39,7 +39,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from oss_jax import data
+from oss_jax import data, harmony
 from oss_jax.config import Config
 from oss_jax.load import TINY_DIR, save
 from oss_jax.model import GptOss, Recording
@@ -64,8 +64,8 @@ def tiny_config(vocab_size: int) -> Config:
 class TrainConfig:
     """Everything a run depends on (saved with its checkpoints)."""
 
-    steps: int = 1600
-    batch: int = 16
+    steps: int = 2600
+    batch: int = 8
     # Each step trains on one effort (low, medium, high), drawn with these weights, padded to that
     # effort's length: a third of the compute padding cost of one length for all.
     effort_mix: tuple[float, float, float] = (0.2, 0.2, 0.6)
@@ -78,8 +78,9 @@ class TrainConfig:
     lb_coef: float = 0.01
     z_coef: float = 1e-3
     seed: int = 0
+    digit_init: bool = True  # number tokens' embeddings start digit-structured (see init_model)
     checkpoint_every: int = 200
-    snapshot_steps: tuple[int, ...] = (100, 300, 1000)  # whole small checkpoints kept for the notebooks
+    snapshot_steps: tuple[int, ...] = (100, 500, 1500)  # whole small checkpoints kept for the notebooks
     log_every: int = 10
 
 
@@ -111,12 +112,19 @@ def make_batch(tmap: TokenMap, tc: TrainConfig, step: int) -> dict[str, np.ndarr
 
 
 # -- model ----------------------------------------------------------------------------------------
-def init_model(cfg: Config, seed: int) -> GptOss:
+def init_model(cfg: Config, seed: int, tmap: TokenMap | None = None) -> GptOss:
     """A float32 model with dense experts: weights N(0, 0.02) (output projections scaled by
     1/sqrt(2L), as GPT-2), biases and sinks 0, norm scales 1. Filled from numpy (fast, and the same
-    on every machine)."""
+    on every machine).
+
+    With ``tmap``, the embedding rows of number tokens ("7", "27", "347") start as sums of one
+    random vector per (digit place, digit): ``e[347] = h[3] + t[4] + o[7]``, so a token's digits
+    can be read linearly from step 0. o200k writes 0..999 as single tokens; learning a thousand
+    separate decompositions from a dozen examples each is what a 30-minute run cannot do.
+    """
     model = nnx.eval_shape(lambda: GptOss(cfg, packed=False, dtype=f32))
     rng = np.random.default_rng(seed)
+    digits_PdD = 0.02 * rng.standard_normal((3, 10, cfg.hidden_size))  # places: ones, tens, hundreds
     out_std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers)
     for path, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Variable):
@@ -129,8 +137,17 @@ def init_model(cfg: Config, seed: int) -> GptOss:
         else:
             std = out_std if name in ("wo_NHD", "down_EFD") else 0.02
             value = (std * rng.standard_normal(shape)).astype(np.float32)
+        if name == "embed_VD" and tmap is not None:
+            for m, text in enumerate(_texts(tmap)):
+                if text.isdigit() and len(text) <= 3:
+                    value[m] = sum(digits_PdD[p, int(c)] for p, c in enumerate(reversed(text)))
         var.set_value(jnp.asarray(value))
     return model
+
+
+def _texts(tmap: TokenMap) -> list[str]:
+    """The text of every model id (the reserved unknown id reads as '')."""
+    return [""] + [harmony.decode([int(i)]) for i in tmap.o200k[1:]]
 
 
 def _for_training(model: GptOss) -> tuple[nnx.GraphDef, nnx.State]:
@@ -215,7 +232,7 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
     saved.write_text(json.dumps(_jsonable(tc), indent=1))
     tmap = TokenMap(data.vocabulary())
     cfg = tiny_config(len(tmap))
-    model = init_model(cfg, tc.seed)
+    model = init_model(cfg, tc.seed, tmap if tc.digit_init else None)
     graphdef, params = _for_training(model)
     opt = optimizer(tc)
     opt_state = opt.init(params)
