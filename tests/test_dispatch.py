@@ -1,0 +1,198 @@
+"""Every expert dispatch gives the same outputs: gather, scan, dense, sorted and auto.
+
+Dense and MXFP4-packed experts, routings with very uneven expert loads (one expert chosen by
+every token, some by none, loads that fill whole tiles of the sorted dispatch exactly), compared
+with a float64 per-token loop; then a whole model (forward and greedy generate) with a packed
+and a dense layer whose routers are pushed to the same extremes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import oss_jax
+from oss_jax.config import Config
+from oss_jax.model import Experts, GptOss
+
+MODES = ("gather", "scan", "dense", "sorted", "auto")
+E, K = 7, 3  # experts, experts per token
+CFG = Config(vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, num_experts=E, experts_per_token=K, sliding_window=8,
+             max_position_embeddings=256)
+TOL = 1e-5
+
+
+def randomize_packed(ex: Experts, seed: int) -> None:
+    """Random MXFP4 bytes, scales 2**-9 .. 2**-5 (decoded weights ~1e-2, as real checkpoints)."""
+    rng = np.random.default_rng(seed)
+    for name in ("gate_up", "down"):
+        blocks, scales = getattr(ex, f"{name}_blocks"), getattr(ex, f"{name}_scales")
+        blocks.set_value(jnp.asarray(rng.integers(0, 256, blocks.shape, dtype=np.uint8)))
+        scales.set_value(jnp.asarray(rng.integers(118, 123, scales.shape, dtype=np.uint8)))
+
+
+def make_experts(packed: bool) -> Experts:
+    ex = Experts(CFG, packed=packed, dtype=jnp.float32, rngs=nnx.Rngs(1))
+    if packed:
+        randomize_packed(ex, 2)
+    else:  # weights of the size packed ones decode to, so both cases exercise the swiglu clamp alike
+        ex.gate_up_EDF2.set_value(ex.gate_up_EDF2[...] * 10)
+        ex.down_EFD.set_value(ex.down_EFD[...] * 10)
+    return ex
+
+
+def reference(ex: Experts, x: np.ndarray, idx: np.ndarray, gates: np.ndarray) -> np.ndarray:
+    """``sum_k gates[n, k] * expert_{idx[n, k]}(x[n])`` one token and one expert at a time, in float64."""
+    w = {e: tuple(np.asarray(a, np.float64) for a in ex.weights(jnp.int32(e))) for e in range(E)}
+    b1, b2 = np.asarray(ex.gate_up_bias_EF2[...], np.float64), np.asarray(ex.down_bias_ED[...], np.float64)
+    out = np.zeros(x.shape, np.float64)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[n, j])
+            h = x[n].astype(np.float64) @ w[e][0] + b1[e]
+            gate, lin = np.minimum(h[0::2], ex.limit), np.clip(h[1::2], -ex.limit, ex.limit)
+            a = gate / (1 + np.exp(-ex.alpha * gate)) * (lin + 1)
+            out[n] += gates[n, j] * (a @ w[e][1] + b2[e])
+    return out
+
+
+def routings(N: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Routings of N tokens with uneven expert loads (every row: K distinct experts), random gates.
+
+    With N = 40 (120 rows), the sorted dispatch uses tiles of 32 rows: loads of 32 and 33 rows
+    end exactly on, and one past, a tile boundary.
+    """
+    rng = np.random.default_rng(N)
+
+    def rows(first, rest, n=N):  # expert `first` in every row, at a random slot; the others from `rest`
+        idx = [rng.permutation(np.concatenate([[first], rng.choice(rest, K - 1, replace=False)])) for _ in range(n)]
+        return np.stack(idx)
+
+    cases = {
+        # expert 0: every token; experts 5 and 6: none
+        "skewed": rows(0, np.arange(1, 5)),
+        "uniform": np.stack([rng.choice(E, K, replace=False) for _ in range(N)]),
+        # every token on the same three experts (in varying order): four experts get nothing
+        "three-experts": np.stack([rng.permutation([2, 0, 4]) for _ in range(N)]),
+    }
+    if N == 40:  # tiles of 32 rows: expert 6 fills exactly one, expert 3 one and a row
+        others = np.array([0, 1, 2, 4, 5])
+        idx = [[6, 3, rng.choice(others)] for _ in range(32)] + [[3, *rng.choice(others, 2, replace=False)]]
+        idx += [rng.choice(others, 3, replace=False) for _ in range(7)]
+        cases["tile-edges"] = np.stack([rng.permutation(row) for row in idx])
+    return {name: (idx.astype(np.int32), rng.dirichlet(np.ones(K), N).astype(np.float32))
+            for name, idx in cases.items()}
+
+
+@functools.cache
+def mixer(packed: bool, mode: str):
+    """The experts' ``__call__`` under one dispatch mode, jitted (one compile per input shape)."""
+    graphdef, state = nnx.split(experts(packed))
+
+    @jax.jit
+    def run(state, x, idx, gates):
+        m = nnx.merge(graphdef, state)
+        m.dispatch = mode
+        return m(x, idx, gates)
+
+    return functools.partial(run, state)
+
+
+@functools.cache
+def experts(packed: bool) -> Experts:
+    return make_experts(packed)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("N", [1, 2, 5, 40])  # N * K < E (auto: gather) for 1 and 2
+def test_every_dispatch_matches_the_per_token_loop(packed, N):
+    ex = experts(packed)
+    x = np.random.default_rng(N).normal(0, 3.0, (N, CFG.hidden_size)).astype(np.float32)
+    for name, (idx, gates) in routings(N).items():
+        counts = np.bincount(idx.reshape(-1), minlength=E)
+        if name == "skewed":
+            assert counts[0] == N and counts[5] == counts[6] == 0
+        if name == "tile-edges":
+            assert counts[6] == 32 and counts[3] == 33
+        ref = reference(ex, x, idx, gates)
+        scale = np.max(np.abs(ref))
+        for mode in MODES:
+            out = np.asarray(mixer(packed, mode)(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(gates)))
+            assert out.shape == x.shape and out.dtype == np.float32
+            err = np.max(np.abs(out - ref)) / scale
+            assert err < TOL, f"{name}, {mode}: relative error {err:.2e}"
+
+
+def test_unknown_dispatch_is_an_error():
+    ex = make_experts(packed=False)
+    ex.dispatch = "ragged"
+    with pytest.raises(ValueError, match="unknown expert dispatch"):
+        ex(jnp.zeros((2, CFG.hidden_size)), jnp.zeros((2, K), jnp.int32), jnp.ones((2, K)) / K)
+
+
+# -- whole models --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model() -> GptOss:
+    """A random 2-layer model, layer 0 with packed MXFP4 experts and layer 1 with dense ones.
+
+    Routers pushed to the extremes: in layer 0 expert 0 takes every token and experts 5, 6 none;
+    in layer 1 expert 3 takes every token and expert 1 none.
+    """
+    model = GptOss(CFG, packed=True, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    randomize_packed(model.layers[0].mlp.experts, 10)
+    model.layers[1].mlp.experts = make_experts(packed=False)
+    for layer, (top, never) in zip(model.layers, [(0, (5, 6)), (3, (1,))], strict=True):
+        bias = np.zeros(E, np.float32)
+        bias[top], bias[list(never)] = 50.0, -50.0
+        layer.mlp.router_bias_E.set_value(jnp.asarray(bias))
+    return model
+
+
+def set_dispatch(model: GptOss, mode: str) -> None:
+    for layer in model.layers:
+        layer.mlp.experts.dispatch = mode
+
+
+def test_router_extremes_are_reached(model):
+    """The test model really has experts with every token and experts with none, in both layers."""
+    assert [layer.mlp.experts.packed for layer in model.layers] == [True, False]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 30)), jnp.int32)
+    x = model.embed_VD[...][tokens]
+    positions = jnp.arange(30)[None]
+    for layer, (top, never) in zip(model.layers, [(0, (5, 6)), (3, (1,))], strict=True):
+        h, _ = layer.attn(layer.attn_norm(x), positions)
+        _, idx, _ = layer.mlp.route(layer.mlp_norm(x + h))
+        counts = np.bincount(np.asarray(idx).reshape(-1), minlength=E)
+        assert counts[top] == 30 and not counts[list(never)].any()
+        x = layer(x, positions)[0]
+
+
+def test_forward_is_the_same_for_every_dispatch(model):
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 21)).astype(np.int32)
+    logits = {}
+    for mode in MODES:
+        set_dispatch(model, mode)
+        logits[mode] = np.asarray(model(tokens))
+    set_dispatch(model, "auto")
+    ref = logits["scan"]
+    for mode, out in logits.items():
+        err = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
+        assert err < TOL, f"{mode}: relative error {err:.2e}"
+
+
+def test_generate_is_the_same_for_every_dispatch(model):
+    """Greedy generation: prefill (2 x 9 tokens) then decode steps of 2 tokens (N*k < E: gather)."""
+    prompts = [np.random.default_rng(2).integers(0, CFG.vocab_size, 9), np.arange(5) + 11]
+    outs = {}
+    for mode in MODES:
+        set_dispatch(model, mode)
+        outs[mode] = oss_jax.generate(model, prompts, max_new_tokens=6)
+    set_dispatch(model, "auto")
+    for mode, out in outs.items():
+        np.testing.assert_array_equal(out, outs["scan"], err_msg=mode)
