@@ -28,22 +28,36 @@ CFG = Config(vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_lay
 TOL = 1e-5
 
 
-def randomize_packed(ex: Experts, seed: int) -> None:
-    """Random MXFP4 bytes, scales 2**-9 .. 2**-5 (decoded weights ~1e-2, as real checkpoints)."""
+def randomize(module: nnx.Module, seed: int) -> None:
+    """Fill every variable with random values from numpy (no JAX random ops: nothing to compile).
+
+    MXFP4 block bytes uniform, scale bytes 118..122 (decoded weights ~1e-2..1e-1, as the random
+    real-shape checkpoints); norm scales in [0.5, 1.5]; sinks N(0, 1); biases N(0, 0.2); other
+    weights N(0, 0.1).
+    """
     rng = np.random.default_rng(seed)
-    for name in ("gate_up", "down"):
-        blocks, scales = getattr(ex, f"{name}_blocks"), getattr(ex, f"{name}_scales")
-        blocks.set_value(jnp.asarray(rng.integers(0, 256, blocks.shape, dtype=np.uint8)))
-        scales.set_value(jnp.asarray(rng.integers(118, 123, scales.shape, dtype=np.uint8)))
+    for path, var in nnx.iter_graph(module):
+        if not isinstance(var, nnx.Variable):
+            continue
+        name, shape, dtype = str(path[-1]), var.get_value().shape, var.get_value().dtype
+        if name.endswith("_blocks"):
+            value = rng.integers(0, 256, shape)
+        elif name.endswith("_scales"):
+            value = rng.integers(118, 123, shape)
+        elif name == "scale":
+            value = rng.uniform(0.5, 1.5, shape)
+        elif name.startswith("sinks"):
+            value = rng.normal(0.0, 1.0, shape)
+        elif "bias" in name or name[:2] in ("bq", "bk", "bv", "bo"):
+            value = rng.normal(0.0, 0.2, shape)
+        else:
+            value = rng.normal(0.0, 0.1, shape)
+        var.set_value(jnp.asarray(value.astype(dtype)))
 
 
 def make_experts(packed: bool) -> Experts:
-    ex = Experts(CFG, packed=packed, dtype=jnp.float32, rngs=nnx.Rngs(1))
-    if packed:
-        randomize_packed(ex, 2)
-    else:  # weights of the size packed ones decode to, so both cases exercise the swiglu clamp alike
-        ex.gate_up_EDF2.set_value(ex.gate_up_EDF2[...] * 10)
-        ex.down_EFD.set_value(ex.down_EFD[...] * 10)
+    ex = Experts(CFG, packed=packed, dtype=jnp.float32)
+    randomize(ex, 2 if packed else 1)
     return ex
 
 
@@ -110,7 +124,7 @@ def experts(packed: bool) -> Experts:
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-@pytest.mark.parametrize("N", [1, 2, 5, 40])  # N * K < E (auto: gather) for 1 and 2
+@pytest.mark.parametrize("N", [1, 40])  # 1 token: N * K < E (auto: gather), as a decode step
 def test_every_dispatch_matches_the_per_token_loop(packed, N):
     ex = experts(packed)
     x = np.random.default_rng(N).normal(0, 3.0, (N, CFG.hidden_size)).astype(np.float32)
@@ -144,9 +158,9 @@ def model() -> GptOss:
     Routers pushed to the extremes: in layer 0 expert 0 takes every token and experts 5, 6 none;
     in layer 1 expert 3 takes every token and expert 1 none.
     """
-    model = GptOss(CFG, packed=True, dtype=jnp.float32, rngs=nnx.Rngs(3))
-    randomize_packed(model.layers[0].mlp.experts, 10)
-    model.layers[1].mlp.experts = make_experts(packed=False)
+    model = GptOss(CFG, packed=True, dtype=jnp.float32)
+    model.layers[1].mlp.experts = Experts(CFG, packed=False, dtype=jnp.float32)
+    randomize(model, 3)
     for layer, (top, never) in zip(model.layers, [(0, (5, 6)), (3, (1,))], strict=True):
         bias = np.zeros(E, np.float32)
         bias[top], bias[list(never)] = 50.0, -50.0
@@ -160,17 +174,13 @@ def set_dispatch(model: GptOss, mode: str) -> None:
 
 
 def test_router_extremes_are_reached(model):
-    """The test model really has experts with every token and experts with none, in both layers."""
+    """Each layer's router sends every token to one expert and none to others, whatever the input."""
     assert [layer.mlp.experts.packed for layer in model.layers] == [True, False]
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 30)), jnp.int32)
-    x = model.embed_VD[...][tokens]
-    positions = jnp.arange(30)[None]
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 1.0, (1, 50, CFG.hidden_size)), jnp.float32)
     for layer, (top, never) in zip(model.layers, [(0, (5, 6)), (3, (1,))], strict=True):
-        h, _ = layer.attn(layer.attn_norm(x), positions)
-        _, idx, _ = layer.mlp.route(layer.mlp_norm(x + h))
+        _, idx, _ = layer.mlp.route(layer.mlp_norm(x))
         counts = np.bincount(np.asarray(idx).reshape(-1), minlength=E)
-        assert counts[top] == 30 and not counts[list(never)].any()
-        x = layer(x, positions)[0]
+        assert counts[top] == 50 and not counts[list(never)].any()
 
 
 def test_forward_is_the_same_for_every_dispatch(model):

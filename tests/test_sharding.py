@@ -223,7 +223,7 @@ def test_sharded_greedy_generation_is_token_identical(eight):
     assert out["generate"].shape == (2, 12)
     np.testing.assert_array_equal(out["generate"], ref["generate"])
     # The cache of a full layer [B=2, S=35, K=2, H=20]: batch over data, KV heads over tensor.
-    assert info["cache_k_shards"] == [[1, 35, 1, 20]]
+    assert info["cache_k_shards"] == [[1, 256, 1, 20]]
 
 
 def test_default_meshes(eight):
