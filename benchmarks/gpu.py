@@ -233,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"chunks of {min(args.chunk, T)}; {statistics.median(steady):.2f} s; first call {first:.1f} s")
 
         # 5. memory
-        stats = dev.memory_stats() or {}
+        try:
+            stats = dev.memory_stats() or {}
+        except Exception:  # some backends do not implement it
+            stats = {}
         if "peak_bytes_in_use" in stats:
             report.add("peak device memory (GiB)", f"{stats['peak_bytes_in_use'] / GIB:.2f}",
                        f"of {stats.get('bytes_limit', 0) / GIB:.1f} GiB the allocator may use")

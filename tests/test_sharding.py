@@ -222,7 +222,7 @@ def test_sharded_greedy_generation_is_token_identical(eight):
     ref, out, info = eight
     assert out["generate"].shape == (2, 12)
     np.testing.assert_array_equal(out["generate"], ref["generate"])
-    # The cache of a full layer [B=2, S=35, K=2, H=20]: batch over data, KV heads over tensor.
+        # A full layer's cache [B=2, S=256 (35 positions, rounded up), K=2, H=20]: batch over data, heads over tensor.
     assert info["cache_k_shards"] == [[1, 256, 1, 20]]
 
 
