@@ -64,13 +64,16 @@ def tiny_config(vocab_size: int) -> Config:
 class TrainConfig:
     """Everything a run depends on (saved with its checkpoints)."""
 
-    steps: int = 2600
+    steps: int = 2400
     batch: int = 8
     # Each step trains on one effort (low, medium, high), drawn with these weights, padded to that
-    # effort's length: a third of the compute padding cost of one length for all.
-    effort_mix: tuple[float, float, float] = (0.2, 0.2, 0.6)
+    # effort's length: a third of the compute padding cost of one length for all. Mostly high: the
+    # column-by-column additions are what a small model needs the most examples of.
+    effort_mix: tuple[float, float, float] = (0.05, 0.05, 0.9)
     seq_lens: tuple[int, int, int] = (112, 128, 176)  # the longest conversations are 101, 121, 167 tokens
-    lr: float = 3e-3
+    # Measured on additions alone (batch 8, 800 steps): peak 3e-3 sat on a plateau, 1e-3 learned,
+    # 6e-4 learned fastest (per-token cross-entropy 0.03 at step 800 against 0.18 for 1e-3).
+    lr: float = 6e-4
     warmup: int = 100
     final_lr_ratio: float = 0.05  # cosine decay from lr to lr * final_lr_ratio
     weight_decay: float = 0.1
