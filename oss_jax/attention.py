@@ -53,20 +53,11 @@ def naive(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, sinks_N: jax.
     """
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=f32) * (H ** -0.5)
-    delta = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]  # [B, T, S]
-    visible = (delta >= 0) & (k_pos_BS[:, None, :] >= 0)
-    if window is not None:
-        visible &= delta < window
-    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
-    sink = sinks_N.astype(f32).reshape(1, K, N // K, 1, 1)
-    m = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
-    p = jnp.exp(logits - m)
-    probs = p / (jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - m))
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BSKH.dtype), v_BSKH,
-                     preferred_element_type=f32)
-    return out.reshape(B, T, N, H).astype(v_BSKH.dtype)
+    probs_BKTGS, _ = _probs(q_BTNH, k_BSKH, sinks_N, q_pos_BT, k_pos_BS, window)
+    v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
+    probs_BKMS = probs_BKTGS.reshape(B, K, T * (N // K), -1).astype(v_BSKH.dtype)
+    out = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSH, preferred_element_type=f32)
+    return out.reshape(B, K, T, N // K, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H).astype(v_BSKH.dtype)
 
 
 def weights(q_BTNH: jax.Array, k_BSKH: jax.Array, sinks_N: jax.Array, q_pos_BT: jax.Array,
@@ -81,20 +72,36 @@ def weights(q_BTNH: jax.Array, k_BSKH: jax.Array, sinks_N: jax.Array, q_pos_BT: 
 
     Returns ``(probs [B, T, N, S], sink_mass [B, T, N])``; invisible keys get probability 0.
     """
+    B, T, N, _ = q_BTNH.shape
+    probs_BKTGS, sink_BKTG = _probs(q_BTNH, k_BSKH, sinks_N, q_pos_BT, k_pos_BS, window)
+    probs_BTNS = probs_BKTGS.transpose(0, 2, 1, 3, 4).reshape(B, T, N, -1)
+    sink_BTN = sink_BKTG.transpose(0, 2, 1, 3).reshape(B, T, N)
+    return probs_BTNS, sink_BTN
+
+
+def _probs(q_BTNH: jax.Array, k_BSKH: jax.Array, sinks_N: jax.Array, q_pos_BT: jax.Array,
+           k_pos_BS: jax.Array, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """Attention probabilities ``[B, K, T, G, S]`` and the sink's ``[B, K, T, G]``, float32.
+
+    Heads are grouped by KV head and the logits computed as one ``[G*T, H] @ [H, S]`` matmul
+    per (batch, KV head), operands in that order: written as one einsum over the model's
+    ``[B, T, N, H]`` layout, XLA's CPU backend computes the transposed product and then spends
+    longer transposing the ``T x S`` logits than multiplying.
+    """
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=f32) * (H ** -0.5)
+    G = N // K
+    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    logits = jnp.einsum("bkmh,bksh->bkms", q_BKMH, k_BSKH.transpose(0, 2, 1, 3), preferred_element_type=f32)
+    logits = logits.reshape(B, K, T, G, -1) * (H ** -0.5)
     visible = _visible(q_pos_BT, k_pos_BS, window)  # [B, T, S]
-    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
-    sink = sinks_N.astype(f32).reshape(1, K, N // K, 1, 1)
+    logits = jnp.where(visible[:, None, :, None], logits, -jnp.inf)
+    sink = sinks_N.astype(f32).reshape(1, K, 1, G, 1)
     m = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
     p = jnp.exp(logits - m)
     sink_p = jnp.exp(sink - m)
     denom = jnp.sum(p, axis=-1, keepdims=True) + sink_p
-    probs_BTNS = (p / denom).transpose(0, 3, 1, 2, 4).reshape(B, T, N, -1)
-    sink_BTN = (sink_p / denom)[..., 0].transpose(0, 3, 1, 2).reshape(B, T, N)
-    return probs_BTNS, sink_BTN
+    return p / denom, (sink_p / denom)[..., 0]
 
 
 # -- blockwise (flash-style) ----------------------------------------------------------------------

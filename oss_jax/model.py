@@ -31,8 +31,8 @@ from oss_jax.vocab import TokenMap
 f32 = jnp.float32
 # Attention materialises [T, S] logits per head up to this many entries, then goes blockwise.
 NAIVE_MAX = 1 << 20
-# Rows per tile of the "sorted" expert dispatch (at most): bigger tiles, fewer weight copies.
-SORTED_TILE = 256
+# Rows per tile of the "sorted" expert dispatch (at most).
+SORTED_TILE = 64
 
 
 class Packed(nnx.Variable):
@@ -145,7 +145,11 @@ class Attention(nnx.Module):
         rec = self.recording
         if rec is not None and (rec.sinks or rec.attention_window is not None):
             self._record(q, keys, sinks, positions_BT, k_pos, long_self=cache is None)
-        return jnp.einsum("btnh,nhd->btd", o, self.wo_NHD[...]) + self.bo_D[...], cache
+        # One [B*T, N*H] @ [N*H, D] matmul: as an einsum over (n, h), XLA's CPU backend may
+        # transpose the whole weight to suit the attention output's layout, on every call.
+        B, T, N, H = o.shape
+        out = (o.reshape(B * T, N * H) @ self.wo_NHD[...].reshape(N * H, -1)).reshape(B, T, -1)
+        return out + self.bo_D[...], cache
 
 
     def _record(self, q_BTNH: jax.Array, k_BSKH: jax.Array, sinks_N: jax.Array, positions_BT: jax.Array,
@@ -198,18 +202,22 @@ class Experts(nnx.Module):
     """E feed-forward experts. Weights are either dense parameters or MXFP4 packed bytes.
 
     Packed (the default for MXFP4 checkpoints), weights stay 4.25 bits per value in memory and
-    are decoded on the fly, only for the experts a computation touches:
+    are decoded on the fly, only for the experts a computation touches. Four ways of computing
+    the same mixture (``dispatch``):
 
-      * ``"gather"``: each token decodes just its k chosen experts (decode steps: few tokens);
-      * ``"scan"``: a loop over experts decodes one expert at a time and applies it to every
-        token, weighted by that token's gate (zero when not chosen); memory is one expert.
-      * ``"dense"``: every expert on every token in one einsum (E/k times the useful work; simple,
-        and fast when E/k is small).
-      * ``"sorted"``: (token, expert) pairs sorted by expert into tiles of one expert each, then
-        one batched matmul over the tiles: a grouped matmul, like ``jax.lax.ragged_dot`` (which
-        XLA's CPU backend runs slower than dense). About N*k rows of work; the training default.
+      * ``"gather"``: a loop over the N*k (token, expert) pairs: each step reads one chosen
+        expert and applies it to one token (decode steps: few tokens, so few experts are read).
+      * ``"sorted"``: the pairs sorted by expert into tiles of M rows of one expert each, and a
+        loop over the tiles, each one ``[M, D] @ w[expert]``: a grouped matmul, about N*k rows
+        of work and each used expert read about once (prefill, large batches, training).
+      * ``"scan"``: a loop over all E experts, each applied to every token and weighted by that
+        token's gate (zero when not chosen): E/k times the useful work, one expert in memory.
+      * ``"dense"``: every expert on every token in one einsum (E/k times the useful work; simple).
 
-    ``dispatch="auto"`` picks gather when tokens x k < E, else scan.
+    ``dispatch="auto"`` picks gather when tokens x k < E, else sorted. Gather and sorted index one
+    expert per loop step with ``dynamic_slice`` rather than gathering ``[N, k, D, 2F]`` copies of
+    the weights: on XLA's CPU backend a plain 2-D matmul on one expert is the fast kernel, and
+    batched einsums over a gathered expert axis are several times slower (see benchmarks/).
     """
 
     def __init__(self, cfg: Config, *, packed: bool, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
@@ -243,6 +251,20 @@ class Experts(nnx.Module):
             return jnp.swapaxes(w1, -1, -2), jnp.swapaxes(w2, -1, -2)
         return self.gate_up_EDF2[...][idx], self.down_EFD[...][idx]
 
+    def ffn(self, e: jax.Array, x_MD: jax.Array) -> jax.Array:
+        """Expert ``e`` (a traced scalar) on rows ``x [M, D]`` -> ``[M, D]`` float32, biases included."""
+        if self.packed:  # decode just this expert
+            w1_FD = mxfp4.decode(_row(self.gate_up_blocks[...], e), _row(self.gate_up_scales[...], e), self.dtype)
+            w2_DF = mxfp4.decode(_row(self.down_blocks[...], e), _row(self.down_scales[...], e), self.dtype)
+            # ``x @ w.T`` rather than an einsum over the stored [out, in] layout: XLA's CPU backend
+            # then decodes straight into the transposed operand, ~7x faster for a decode step.
+            h = x_MD @ w1_FD.T + _row(self.gate_up_bias_EF2[...], e)
+            y = swiglu(h, self.limit, self.alpha) @ w2_DF.T
+        else:
+            h = x_MD @ _row(self.gate_up_EDF2[...], e) + _row(self.gate_up_bias_EF2[...], e)
+            y = swiglu(h, self.limit, self.alpha) @ _row(self.down_EFD[...], e)
+        return (y + _row(self.down_bias_ED[...], e)).astype(f32)
+
     def __call__(self, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array) -> jax.Array:
         """Mix the chosen experts: ``sum_k gates[n, k] * expert_{idx[n, k]}(x[n])`` -> ``[N, D]``."""
         if self.mesh is not None:
@@ -252,19 +274,21 @@ class Experts(nnx.Module):
         return self.mix(x_ND, idx_Nk, gates_Nk).astype(x_ND.dtype)
 
     def mix(self, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array) -> jax.Array:
-        """``__call__`` on this module's own experts, in float32 (expert-parallel devices sum these)."""
+        """``__call__`` on this module's own experts, in float32 (expert-parallel devices sum these).
+
+        An index outside ``[0, E)`` (another device's expert) contributes nothing.
+        """
         N, k = idx_Nk.shape
         E = self.gate_up_bias_EF2.shape[0]
         mode = self.dispatch
         if mode == "auto":
-            mode = "gather" if N * k < E else "scan"
-        b1, b2 = self.gate_up_bias_EF2[...], self.down_bias_ED[...]
+            mode = "gather" if N * k < E else "sorted"
         if mode == "gather":
-            w1, w2 = self.weights(idx_Nk)  # [N, k, D, 2F], [N, k, F, D]
-            h = jnp.einsum("nd,nkdf->nkf", x_ND, w1) + b1[idx_Nk]
-            y = jnp.einsum("nkf,nkfd->nkd", swiglu(h, self.limit, self.alpha), w2) + b2[idx_Nk]
-            out = jnp.einsum("nkd,nk->nd", y.astype(f32), gates_Nk)
-        elif mode == "scan":
+            return self._loop(x_ND, idx_Nk, gates_Nk, tile=1)
+        if mode == "sorted":
+            return self._loop(x_ND, idx_Nk, gates_Nk, tile=_sorted_tile(N * k, E))
+        b1, b2 = self.gate_up_bias_EF2[...], self.down_bias_ED[...]
+        if mode == "scan":
             def step(acc_ND, e):
                 w1, w2 = self.weights(e)
                 h = x_ND @ w1 + b1[e]
@@ -279,43 +303,78 @@ class Experts(nnx.Module):
             y = jnp.einsum("nef,efd->ned", swiglu(h, self.limit, self.alpha), w2) + b2
             coef_NE = jnp.einsum("nk,nke->ne", gates_Nk, jax.nn.one_hot(idx_Nk, E, dtype=f32))
             out = jnp.einsum("ned,ne->nd", y.astype(f32), coef_NE)
-        elif mode == "sorted":
-            out = self._sorted(x_ND, idx_Nk, gates_Nk)
         else:
             raise ValueError(f"unknown expert dispatch {mode!r} (use 'auto', 'gather', 'scan', 'dense' "
                              f"or 'sorted')")
         return out
 
-    def _sorted(self, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array) -> jax.Array:
-        """Grouped matmul: the N*k (token, expert) rows sorted by expert, padded to tiles of M rows
-        that each belong to one expert, then ``[tiles, M, D] @ w[expert of tile]``. No token is
-        dropped: at most ``N*k/M + E`` tiles are needed, a static bound."""
+    def _loop(self, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array, tile: int) -> jax.Array:
+        """Gather (``tile == 1``: the pairs in token order) or sorted (the pairs grouped by expert).
+
+        The N*k (token, expert) rows are laid out so that each tile of ``tile`` consecutive rows
+        belongs to one expert; a loop then runs ``ffn(expert, rows)`` once per tile and adds the
+        gated results into the tokens' outputs. Sorted: each expert's rows start a new tile, so at
+        most ``ceil(N*k / M) + E`` tiles (a static bound), rows past the expert's end have gate 0,
+        and tiles past the last used one (or of another device's experts) are skipped by a
+        ``lax.cond``. No token is ever dropped.
+        """
         N, k = idx_Nk.shape
         D = x_ND.shape[-1]
         E = self.gate_up_bias_EF2.shape[0]
-        P = N * k
-        M = int(min(SORTED_TILE, max(8, _next_pow2(-(-P // E)))))  # rows per tile
-        n_tiles = -(-P // M) + E
+        P, M = N * k, tile
         flat = idx_Nk.reshape(-1)
-        order = jnp.argsort(flat, stable=True)  # rows grouped by expert
-        e_sorted = flat[order]
-        sizes = jnp.bincount(flat, length=E)
-        padded = -(-sizes // M) * M  # each expert's rows rounded up to whole tiles
-        rank = jnp.arange(P) - (jnp.cumsum(sizes) - sizes)[e_sorted]  # row within its expert
-        dest = (jnp.cumsum(padded) - padded)[e_sorted] + rank
-        tok = jnp.full((n_tiles * M,), N, jnp.int32).at[dest].set((order // k).astype(jnp.int32))
-        gate = jnp.zeros((n_tiles * M,), f32).at[dest].set(gates_Nk.reshape(-1)[order])
-        tile_e = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * M, side="right"), E - 1)
-        if self.packed:  # decode each expert once, not once per tile
-            w1_E, w2_E = self.weights(jnp.arange(E))
-            w1, w2 = w1_E[tile_e], w2_E[tile_e]
+        flat = jnp.where((flat >= 0) & (flat < E), flat, E).astype(jnp.int32)  # E: not ours, skipped
+        if M == 1:  # gather: row t is pair t, itself a tile
+            n_tiles, row_e = P, flat
+            row_tok = jnp.arange(P, dtype=jnp.int32) // k
+            row_gate = gates_Nk.reshape(-1).astype(f32)
+            tile_e, tile_row = flat, jnp.arange(P, dtype=jnp.int32)
         else:
-            w1, w2 = self.weights(tile_e)  # [tiles, D, 2F], [tiles, F, D]
-        x_tMD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[tok].reshape(n_tiles, M, D)
-        h = jnp.einsum("tmd,tdf->tmf", x_tMD, w1) + self.gate_up_bias_EF2[...][tile_e][:, None]
-        y = jnp.einsum("tmf,tfd->tmd", swiglu(h, self.limit, self.alpha), w2) + self.down_bias_ED[...][tile_e][:, None]
-        y = y.reshape(n_tiles * M, D).astype(f32) * gate[:, None]  # padding rows have gate 0
-        return jnp.zeros((N + 1, D), f32).at[tok].add(y)[:N]
+            order = jnp.argsort(flat, stable=True)
+            row_e = flat[order]
+            row_tok = (order // k).astype(jnp.int32)
+            row_gate = gates_Nk.reshape(-1).astype(f32)[order]
+            sizes = jnp.bincount(flat, length=E + 1)[:E]
+            starts = jnp.cumsum(sizes) - sizes  # each expert's first row
+            tiles = -(-sizes // M)
+            ends = jnp.cumsum(tiles)  # exclusive end of each expert's tiles
+            n_tiles = min(-(-P // M) + min(E, P), P)
+            t = jnp.arange(n_tiles)
+            tile_e = jnp.searchsorted(ends, t, side="right").astype(jnp.int32)  # E past the last tile
+            e = jnp.minimum(tile_e, E - 1)
+            tile_row = (starts[e] + (t - (ends[e] - tiles[e])) * M).astype(jnp.int32)
+        # M rows of padding at the end: every tile's slice is in bounds; padding has gate 0.
+        x_rows = jnp.concatenate([x_ND[row_tok], jnp.zeros((M, D), x_ND.dtype)])
+        row_tok = jnp.concatenate([row_tok, jnp.full((M,), N, jnp.int32)])
+        row_gate = jnp.concatenate([row_gate, jnp.zeros((M,), f32)])
+        row_e = jnp.concatenate([row_e, jnp.full((M,), E, jnp.int32)])
+        # Recompute each tile's expert in the backward pass rather than keep its weights per tile.
+        ffn = jax.checkpoint(self.ffn)
+
+        def body(t, acc_ND):
+            e, r = tile_e[t], tile_row[t]
+
+            def run(acc_ND):
+                y_MD = ffn(e, jax.lax.dynamic_slice_in_dim(x_rows, r, M))
+                mine = jax.lax.dynamic_slice_in_dim(row_e, r, M) == e  # rows past the expert's end: 0
+                g_M = jnp.where(mine, jax.lax.dynamic_slice_in_dim(row_gate, r, M), 0.0)
+                return acc_ND.at[jax.lax.dynamic_slice_in_dim(row_tok, r, M)].add(g_M[:, None] * y_MD)
+
+            return jax.lax.cond(e < E, run, lambda a: a, acc_ND)
+
+        out = jax.lax.fori_loop(0, n_tiles, body, jnp.zeros((N + 1, D), f32))  # row N: padding's sink
+        return out[:N]
+
+
+def _row(x: jax.Array, i: jax.Array) -> jax.Array:
+    """``x[i]`` for a traced scalar index: one ``dynamic_slice`` (no gather, no copy of ``x``)."""
+    return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+
+def _sorted_tile(pairs: int, experts: int) -> int:
+    """Rows per tile of the sorted dispatch: about one tile per expert, a power of two in
+    ``[8, SORTED_TILE]`` (small tiles waste less on padding; large ones feed the matmul better)."""
+    return int(min(SORTED_TILE, max(8, _next_pow2(-(-pairs // experts)))))
 
 
 class MoE(nnx.Module):
