@@ -148,6 +148,19 @@ def test_decode_every_byte():
     assert np.array_equal(bits(out[:, 1]), bits(TABLE[b >> 4].astype(np.float32)))
 
 
+
+@pytest.mark.parametrize("rows", [1, 5])  # a decode step, and a tile of rows
+def test_matmul_is_x_times_the_decoded_weight_transposed(rows):
+    """``mxfp4.matmul(x, blocks, scales)`` against float64 numpy ``x @ np_decode(...).T``."""
+    rng = np.random.default_rng(rows)
+    blocks = rng.integers(0, 256, (24, 3, 16), dtype=np.uint8)  # a weight [out = 24, in = 96]
+    scales = rng.integers(118, 131, (24, 3), dtype=np.uint8)
+    x = rng.normal(0, 1, (rows, 96)).astype(np.float32)
+    ours = np.asarray(mxfp4.matmul(jnp.asarray(x), blocks, scales, jnp.float32))
+    ref = x.astype(np.float64) @ np_decode(blocks, scales).reshape(24, 96).T
+    assert ours.shape == (rows, 24)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
 def test_decode_rejects_bad_inputs():
     blocks, scales = np.zeros((4, 2, 16), np.uint8), np.full((4, 2), 127, np.uint8)
     with pytest.raises(TypeError, match="uint8"):
