@@ -32,7 +32,7 @@ f32 = jnp.float32
 # Attention materialises [T, S] logits per head up to this many entries, then goes blockwise.
 NAIVE_MAX = 1 << 20
 # Rows per tile of the "sorted" expert dispatch (at most).
-SORTED_TILE = 64
+SORTED_TILE = 128
 
 
 class Packed(nnx.Variable):
