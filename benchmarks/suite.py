@@ -420,7 +420,7 @@ def bench_model(name: str, ckpt: Path, args, notes: list[str]) -> dict:
     return row
 
 
-def bench_dispatch(name: str, ckpt: Path, args, notes: list[str]) -> dict:
+def bench_dispatch(name: str, ckpt: Path, args) -> dict:
     """Every ``Experts.dispatch`` mode on one model (oss-jax only), modes alternating call by call.
 
     Each regime is one compiled forward (``GptOss.forward``, as ``generate`` calls it): a prefill
@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                     ckpt = make_checkpoint(name, workdir)
             rows.append(bench_model(name, ckpt, args, notes))
             if name in args.dispatch_models and not args.no_dispatch:
-                dispatch[name] = bench_dispatch(name, ckpt, args, notes)
+                dispatch[name] = bench_dispatch(name, ckpt, args)
             if name != "tiny" and not args.workdir:
                 shutil.rmtree(ckpt, ignore_errors=True)
     finally:

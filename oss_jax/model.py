@@ -285,17 +285,14 @@ class Experts(nnx.Module):
             return self._loop(x_ND, idx_Nk, gates_Nk, tile=1)
         if mode == "sorted":
             return self._loop(x_ND, idx_Nk, gates_Nk, tile=_sorted_tile(N * k, E))
-        b1, b2 = self.gate_up_bias_EF2[...], self.down_bias_ED[...]
         if mode == "scan":
             def step(acc_ND, e):
-                w1, w2 = self.weights(e)
-                h = x_ND @ w1 + b1[e]
-                y = swiglu(h, self.limit, self.alpha) @ w2 + b2[e]
                 coef_N = jnp.sum(jnp.where(idx_Nk == e, gates_Nk, 0.0), axis=-1)
-                return acc_ND + coef_N[:, None] * y.astype(f32), None
+                return acc_ND + coef_N[:, None] * self.ffn(e, x_ND), None
 
             out, _ = jax.lax.scan(step, jnp.zeros(x_ND.shape, f32), jnp.arange(E))
         elif mode == "dense":
+            b1, b2 = self.gate_up_bias_EF2[...], self.down_bias_ED[...]
             w1, w2 = self.weights(jnp.arange(E))  # [E, D, 2F], [E, F, D]
             h = jnp.einsum("nd,edf->nef", x_ND, w1) + b1
             y = jnp.einsum("nef,efd->ned", swiglu(h, self.limit, self.alpha), w2) + b2

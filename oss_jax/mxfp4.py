@@ -45,13 +45,7 @@ def decode(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.bfloat16
     Returns:
       ``[..., nb * 32]`` values ``FP4_VALUES[code] * 2**(scale - 127)``.
     """
-    blocks = jnp.asarray(blocks)
-    scales = jnp.asarray(scales)
-    if blocks.dtype != jnp.uint8 or scales.dtype != jnp.uint8:
-        raise TypeError(f"mxfp4.decode: blocks and scales must be uint8, got {blocks.dtype}, {scales.dtype}")
-    if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"mxfp4.decode: blocks {blocks.shape} and scales {scales.shape} do not match "
-                         f"(expected blocks [..., nb, 16] and scales [..., nb])")
+    blocks, scales = _checked(blocks, scales, "decode")
     codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # even element (low nibble) first
     out = _values(codes.reshape(*scales.shape, BLOCK), scales)
     return out.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK).astype(dtype)
@@ -64,6 +58,7 @@ def matmul(x_MI: jax.Array, blocks: jax.Array, scales: jax.Array, dtype: jnp.dty
     high ones, ``x[:, 0::2] @ lo.T + x[:, 1::2] @ hi.T``. Interleaving the two nibble planes is a
     strided copy that XLA's CPU backend runs several times slower than both matmuls together.
     """
+    blocks, scales = _checked(blocks, scales, "matmul")
     lo = _values(blocks & 0x0F, scales).reshape(*scales.shape[:-1], -1).astype(dtype)
     hi = _values(blocks >> 4, scales).reshape(*scales.shape[:-1], -1).astype(dtype)
     return x_MI[:, 0::2] @ lo.T + x_MI[:, 1::2] @ hi.T
@@ -86,6 +81,18 @@ def _values(codes: jax.Array, scales: jax.Array) -> jax.Array:
     bits = jnp.where(field >= 255, 0x7F800000, (field << 23) | jnp.where(normal, (mag & 1) << 22, 0))
     bits = jnp.where((mag == 0) | (field <= 0), 0, bits)
     return jax.lax.bitcast_convert_type(bits | sign, jnp.float32)
+
+
+def _checked(blocks, scales, fn: str) -> tuple[jax.Array, jax.Array]:
+    """``blocks`` and ``scales`` as arrays, or a clear error when they cannot be MXFP4."""
+    blocks, scales = jnp.asarray(blocks), jnp.asarray(scales)
+    if blocks.dtype != jnp.uint8 or scales.dtype != jnp.uint8:
+        raise TypeError(f"mxfp4.{fn}: blocks and scales must be uint8, got {blocks.dtype}, {scales.dtype}")
+    if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"mxfp4.{fn}: blocks {blocks.shape} and scales {scales.shape} do not match "
+                         f"(expected blocks [..., nb, 16] and scales [..., nb])")
+    return blocks, scales
+
 
 def encode(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Quantize floats to MXFP4, rounding to the nearest representable value (ties to even).

@@ -148,7 +148,6 @@ def test_decode_every_byte():
     assert np.array_equal(bits(out[:, 1]), bits(TABLE[b >> 4].astype(np.float32)))
 
 
-
 @pytest.mark.parametrize("rows", [1, 5])  # a decode step, and a tile of rows
 def test_matmul_is_x_times_the_decoded_weight_transposed(rows):
     """``mxfp4.matmul(x, blocks, scales)`` against float64 numpy ``x @ np_decode(...).T``."""
@@ -161,6 +160,7 @@ def test_matmul_is_x_times_the_decoded_weight_transposed(rows):
     assert ours.shape == (rows, 24)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
+
 def test_decode_rejects_bad_inputs():
     blocks, scales = np.zeros((4, 2, 16), np.uint8), np.full((4, 2), 127, np.uint8)
     with pytest.raises(TypeError, match="uint8"):
@@ -169,6 +169,8 @@ def test_decode_rejects_bad_inputs():
         mxfp4.decode(blocks, scales[:, :1])
     with pytest.raises(ValueError, match="do not match"):
         mxfp4.decode(blocks[..., :8], scales)
+    with pytest.raises(TypeError, match=r"mxfp4\.matmul: .*uint8"):
+        mxfp4.matmul(np.zeros((1, 64), np.float32), blocks.astype(np.int32), scales)
 
 
 # -- encode ---------------------------------------------------------------------------------------
