@@ -33,6 +33,9 @@ f32 = jnp.float32
 NAIVE_MAX = 1 << 20
 # Rows per tile of the "sorted" expert dispatch (at most).
 SORTED_TILE = 128
+# An expert's weight is read in slices of at most this many bytes (of float32 nibble planes when
+# packed): see _expert_matmul.
+SLICE_BYTES = 4 << 20
 
 
 class Packed(nnx.Variable):
@@ -217,7 +220,8 @@ class Experts(nnx.Module):
     ``dispatch="auto"`` picks gather when tokens x k < E, else sorted. Gather and sorted index one
     expert per loop step with ``dynamic_slice`` rather than gathering ``[N, k, D, 2F]`` copies of
     the weights: on XLA's CPU backend a plain 2-D matmul on one expert is the fast kernel, and
-    batched einsums over a gathered expert axis are several times slower (see benchmarks/).
+    batched einsums over a gathered expert axis are several times slower (see benchmarks/). An
+    expert larger than ``SLICE_BYTES`` is read a slice at a time (``_expert_matmul``).
     """
 
     def __init__(self, cfg: Config, *, packed: bool, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
@@ -254,13 +258,12 @@ class Experts(nnx.Module):
     def ffn(self, e: jax.Array, x_MD: jax.Array) -> jax.Array:
         """Expert ``e`` (a traced scalar) on rows ``x [M, D]`` -> ``[M, D]`` float32, biases included."""
         if self.packed:  # decode just this expert, straight into the matmul
-            h = mxfp4.matmul(x_MD, _row(self.gate_up_blocks[...], e), _row(self.gate_up_scales[...], e), self.dtype)
-            h = h + _row(self.gate_up_bias_EF2[...], e)
-            y = mxfp4.matmul(swiglu(h, self.limit, self.alpha), _row(self.down_blocks[...], e),
-                             _row(self.down_scales[...], e), self.dtype)
+            w1 = self.gate_up_blocks[...], self.gate_up_scales[...]
+            w2 = self.down_blocks[...], self.down_scales[...]
         else:
-            h = x_MD @ _row(self.gate_up_EDF2[...], e) + _row(self.gate_up_bias_EF2[...], e)
-            y = swiglu(h, self.limit, self.alpha) @ _row(self.down_EFD[...], e)
+            w1, w2 = self.gate_up_EDF2[...], self.down_EFD[...]
+        h = _expert_matmul(x_MD, w1, e, self.dtype) + _row(self.gate_up_bias_EF2[...], e)
+        y = _expert_matmul(swiglu(h, self.limit, self.alpha), w2, e, self.dtype)
         return (y + _row(self.down_bias_ED[...], e)).astype(f32)
 
     def __call__(self, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array) -> jax.Array:
@@ -364,6 +367,57 @@ class Experts(nnx.Module):
 def _row(x: jax.Array, i: jax.Array) -> jax.Array:
     """``x[i]`` for a traced scalar index: one ``dynamic_slice`` (no gather, no copy of ``x``)."""
     return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+
+def _expert_matmul(x_MI: jax.Array, w, e: jax.Array, dtype) -> jax.Array:
+    """``x @ w[e]`` for one expert ``e`` (a traced scalar) of a stacked weight -> ``[M, O]``.
+
+    ``w`` is dense ``[E, I, O]``, or MXFP4 ``(blocks [E, O, I/32, 16], scales [E, O, I/32])``
+    decoded to ``dtype``. XLA's CPU backend copies a ``dynamic_slice`` out before a matmul reads
+    it. A whole large expert (66 MB in float32 at the 20b shape) copied from memory and read back
+    costs about 4x the matmul itself, while a slice of ``SLICE_BYTES`` stays in cache. So a large
+    expert is taken a slice at a time: rows of ``I``, summed (dense); rows of ``O``, concatenated
+    (packed). Small experts are one slice, a single matmul.
+    """
+    M = x_MI.shape[0]
+    if isinstance(w, tuple):
+        blocks, scales = w
+        _, O, nb, half = blocks.shape
+        R = _slice_rows(O, nb * half * 4)  # float32 bytes per output row of one nibble plane
+        if R == O:
+            return mxfp4.matmul(x_MI, _row(blocks, e), _row(scales, e), dtype)
+
+        def part(_, c):
+            b = jax.lax.dynamic_slice(blocks, (e, c * R, 0, 0), (1, R, nb, half))[0]
+            s = jax.lax.dynamic_slice(scales, (e, c * R, 0), (1, R, nb))[0]
+            return None, mxfp4.matmul(x_MI, b, s, dtype)
+
+        _, y_nMR = jax.lax.scan(part, None, jnp.arange(O // R))
+        return jnp.moveaxis(y_nMR, 0, 1).reshape(M, O)
+    _, I, O = w.shape
+    R = _slice_rows(I, O * w.dtype.itemsize)
+    if R == I:
+        return x_MI @ _row(w, e)
+
+    def add(c, acc_MO):
+        w_RO = jax.lax.dynamic_slice(w, (e, c * R, 0), (1, R, O))[0]
+        x_MR = jax.lax.dynamic_slice_in_dim(x_MI, c * R, R, axis=1)
+        return acc_MO + jnp.matmul(x_MR, w_RO, preferred_element_type=f32)
+
+    y = jax.lax.fori_loop(0, I // R, add, jnp.zeros((M, O), f32))
+    return y.astype(jnp.result_type(x_MI, w))
+
+
+def _slice_rows(rows: int, row_bytes: int) -> int:
+    """Rows per slice of ``_expert_matmul``: the largest divisor of ``rows`` whose slice fits in
+    ``SLICE_BYTES``; all of them when they fit, when that divisor is under a quarter of what fits
+    (slices that small cost more in loop steps than they save), or off the CPU backend (where the
+    copies this avoids were measured)."""
+    fit = SLICE_BYTES // row_bytes
+    if rows <= fit or jax.default_backend() != "cpu":
+        return rows
+    best = max(d for d in range(1, max(fit, 1) + 1) if rows % d == 0)
+    return best if 4 * best >= fit else rows
 
 
 def _sorted_tile(pairs: int, experts: int) -> int:

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import oss_jax
+from oss_jax import model as model_lib
 from oss_jax.config import Config
 from oss_jax.model import Experts, GptOss
 
@@ -206,3 +207,42 @@ def test_generate_is_the_same_for_every_dispatch(model):
     set_dispatch(model, "auto")
     for mode, out in outs.items():
         np.testing.assert_array_equal(out, outs["scan"], err_msg=mode)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_large_experts_are_read_in_slices(packed, monkeypatch):
+    """An expert larger than ``SLICE_BYTES`` is multiplied a slice at a time (as gpt-oss-20b's are
+    on CPU): the same outputs, and the same gradients for the inputs and the weights."""
+    ex = experts(packed)
+    graphdef, params, rest = nnx.split(ex, nnx.Param, ...)  # packed blocks: not differentiated
+    x = jnp.asarray(np.random.default_rng(5).normal(0, 3.0, (9, CFG.hidden_size)).astype(np.float32))
+    idx, gates = (jnp.asarray(a) for a in routings(9)["skewed"])
+    ref = reference(ex, np.asarray(x), np.asarray(idx), np.asarray(gates))
+
+    def loss(params, x, mode):
+        m = nnx.merge(graphdef, params, rest)
+        m.dispatch = mode
+        out = m(x, idx, gates)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    def run(mode):  # traced afresh, so that it reads the SLICE_BYTES in force now
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+        (g_params, g_x), out = grad(params, x, mode)
+        return out, g_x, jax.tree.leaves(g_params)
+
+    whole = {mode: run(mode) for mode in ("gather", "sorted")}
+    monkeypatch.setattr(model_lib, "SLICE_BYTES", 2048)
+    w1, w2 = ((ex.gate_up_blocks, ex.down_blocks) if packed else (ex.gate_up_EDF2, ex.down_EFD))
+    for w in (w1, w2):  # both matrices really are cut into several slices
+        shape = w[...].shape
+        rows, row_bytes = (shape[1], shape[2] * shape[3] * 4) if packed else (shape[1], shape[2] * 4)
+        assert model_lib._slice_rows(rows, row_bytes) < rows
+    for mode in ("gather", "sorted"):
+        out, g_x, g_w = run(mode)
+        out0, g_x0, g_w0 = whole[mode]
+        assert np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref)) < TOL, mode
+        np.testing.assert_allclose(out, out0, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(out0))))
+        np.testing.assert_allclose(g_x, g_x0, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(g_x0))))
+        assert len(g_w) == len(g_w0) >= 2
+        for a, b in zip(g_w, g_w0, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
