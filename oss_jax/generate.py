@@ -4,12 +4,14 @@ Prompts of different lengths are left-padded; padding gets position ``-1`` and i
 attended to, so every row sees exactly its own tokens at positions ``0, 1, ...``. Long prompts
 are prefilled in chunks (bounded activation memory). Without a streaming callback the whole
 token loop runs on the device (``lax.while_loop``, one dispatch); with one, a jitted step is
-called per token and the callback gets each new token.
+called per token and the callback gets each new token. The token loop is compiled on a second
+thread while the prompt is prefilled, and greedy decoding (``temperature=0``) compiles no sampler.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 
 import jax
@@ -70,17 +72,28 @@ def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray) -> tuple[np.ndarray,
     return tokens, positions
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("size",), donate_argnames=("cache",))
+def _next(logits_BV: jax.Array, key: jax.Array, greedy: bool, temperature, top_k,
+          top_p) -> tuple[jax.Array, jax.Array]:
+    """Next tokens ``[B]`` and the next key: ``sample``, or only the argmax when greedy is known
+    before compiling (the sampler's sort and random draws are then not compiled at all, which
+    saves about half a second of the first ``generate``)."""
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), key
+    key, sub = jax.random.split(key)
+    return sample(logits_BV, sub, temperature, top_k, top_p), key
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("size", "greedy"), donate_argnames=("cache",))
 def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, first_BV: jax.Array,
-                 key: jax.Array, stop: jax.Array, steps: jax.Array, temperature, top_k, top_p, size: int):
+                 key: jax.Array, stop: jax.Array, steps: jax.Array, temperature, top_k, top_p, size: int,
+                 greedy: bool):
     """The whole token loop on the device; stops early once every row has stopped."""
     model = nnx.merge(graphdef, state)
     B = first_BV.shape[0]
 
     def body(carry):
         i, logits, cache, out, done, key = carry
-        key, sub = jax.random.split(key)
-        tok = sample(logits, sub, temperature, top_k, top_p)
+        tok, key = _next(logits, key, greedy, temperature, top_k, top_p)
         tok = jnp.where(done, PAD, tok)
         out = out.at[:, i].set(tok)
         done = done | jnp.isin(tok, stop)
@@ -98,13 +111,13 @@ def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, first
     return out, cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("greedy",), donate_argnames=("cache",))
 def _decode_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, logits_BV, key, done, stop,
-                 temperature, top_k, top_p):
+                 temperature, top_k, top_p, greedy: bool):
     """One token: sample from ``logits_BV``, then run it through the model (streaming mode)."""
     model = nnx.merge(graphdef, state)
-    key, sub = jax.random.split(key)
-    tok = jnp.where(done, PAD, sample(logits_BV, sub, temperature, top_k, top_p))
+    tok, key = _next(logits_BV, key, greedy, temperature, top_k, top_p)
+    tok = jnp.where(done, PAD, tok)
     done = done | jnp.isin(tok, stop)
     logits, cache = model.apply(jnp.maximum(tok, 0)[:, None], cache.length[:, None], cache, last_only=True)
     return tok, logits[:, 0], cache, done, key
@@ -172,6 +185,18 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
     C = min(prefill_chunk, 1 << max(T - 1, 15).bit_length())  # >= T and >= 16
     logits = None
     graphdef, state = nnx.split(model)  # once: the compiled steps read these, never copy them
+    cache_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), cache)
+    loop_args = (graphdef, state, cache_shape, jax.ShapeDtypeStruct((B, cfg.vocab_size), jnp.float32), key,
+                 stop, jnp.int32(max_new_tokens), *sampling)
+    loop_kw = dict(size=max_new_tokens, greedy=temperature == 0)
+    warm = None
+    if on_token is None and mesh is None:
+        # XLA compiles one program at a time per caller: compile the token loop on another thread
+        # while this one compiles and runs the prefill (about 1 s less for a first generate here).
+        # The real call below then finds it in jit's cache; should this fail, that call compiles
+        # it again and raises the error itself.
+        warm = threading.Thread(target=_compile_quietly, args=(_decode_loop, loop_args, loop_kw), daemon=True)
+        warm.start()
     for start in range(0, T, C):
         chunk, pos = tokens[:, start:start + C], positions[:, start:start + C]
         n = chunk.shape[1]
@@ -181,15 +206,16 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
         logits_all, cache = compiled_apply(graphdef, state, chunk, pos, cache, last_only=n == C)
         logits = logits_all[:, -1] if n == C else logits_all[:, n - 1]
     if on_token is None:
-        out, cache = _decode_loop(graphdef, state, cache, logits, key, stop, jnp.int32(max_new_tokens),
-                                  *sampling, size=max_new_tokens)
+        if warm is not None:
+            warm.join()
+        out, cache = _decode_loop(graphdef, state, cache, logits, *loop_args[4:], **loop_kw)
         out = sharding.to_host(out)
     else:
         out = np.full((B, max_new_tokens), PAD, np.int32)
         done = jnp.zeros((B,), bool)
         for i in range(max_new_tokens):
             tok, logits, cache, done, key = _decode_step(graphdef, state, cache, logits, key, done, stop,
-                                                         *sampling)
+                                                         *sampling, greedy=temperature == 0)
             out[:, i] = sharding.to_host(tok)
             on_token(out[:, i])
             if bool(jnp.all(done)):
@@ -197,6 +223,14 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
     if tmap is not None:
         out = tmap.to_o200k(out)
     return (out, cache) if return_cache else out
+
+
+def _compile_quietly(fn, args: tuple, kwargs: dict) -> None:
+    """``fn.lower(*args, **kwargs).compile()``, errors ignored (the caller compiles again)."""
+    try:
+        fn.lower(*args, **kwargs).compile()
+    except Exception:
+        pass
 
 
 def _mapped_callback(on_token: Callable[[np.ndarray], None], tmap, toks_B: np.ndarray) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
+import jax
 import numpy as np
 import pytest
 import reference as R
@@ -50,6 +54,27 @@ def test_chunked_prefill_and_streaming_agree(model, prompts):
     streamed = generate(model, prompts, max_new_tokens=12, prefill_chunk=5, on_token=seen.append)
     np.testing.assert_array_equal(whole, streamed)
     np.testing.assert_array_equal(np.stack(seen, axis=1), streamed)
+
+
+def test_sampled_streaming_agrees_with_the_device_loop(model, prompts):
+    """The per-token step (streaming) and the on-device loop draw from the same key sequence."""
+    loop = generate(model, prompts, max_new_tokens=10, temperature=1.0, key=4)
+    streamed = generate(model, prompts, max_new_tokens=10, temperature=1.0, key=4, on_token=lambda t: None)
+    np.testing.assert_array_equal(loop, streamed)
+
+
+def test_token_loop_is_compiled_once(model, prompts, caplog):
+    """``generate`` compiles its token loop on a second thread during the prefill: the call after
+    the prefill must find that program, not compile the loop a second time."""
+    caplog.set_level(logging.WARNING)
+    jax.config.update("jax_log_compiles", True)  # globally: the `with` form is per thread
+    try:
+        generate(model, prompts, max_new_tokens=23)  # a length no other test uses: a new program
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    done = [r for r in caplog.records if "XLA compilation of jit(_decode_loop)" in r.getMessage()]
+    assert len(done) == 1, [r.getMessage() for r in done]
+    assert done[0].thread != threading.get_ident()  # compiled by the warm-up thread, not here
 
 
 def test_cached_decode_equals_recomputation(model):
