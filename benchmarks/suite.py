@@ -458,7 +458,7 @@ def bench_dispatch(name: str, ckpt: Path, args) -> dict:
 
 
 PLANS = {
-    "full": dict(prefill=(512, 4096), batches=(1, 8, 32), new_tokens={"tiny": 32, "100m": 32, "20b-layer": 8},
+    "full": dict(prefill=(512, 4096), batches=(1, 8, 32), new_tokens={"tiny": 32, "100m": 32, "20b-layer": 16},
                  reps=3, prefill_reps={4096: 2}, dispatch_prefill=512, dispatch_batches=(1, 32),
                  dispatch_reps={"100m": 5, "20b-layer": 2}),
     "quick": dict(prefill=(512,), batches=(1, 8), new_tokens={"tiny": 8, "100m": 8, "20b-layer": 4},
