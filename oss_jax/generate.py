@@ -76,7 +76,7 @@ def _next(logits_BV: jax.Array, key: jax.Array, greedy: bool, temperature, top_k
           top_p) -> tuple[jax.Array, jax.Array]:
     """Next tokens ``[B]`` and the next key: ``sample``, or only the argmax when greedy is known
     before compiling (the sampler's sort and random draws are then not compiled at all, which
-    saves about half a second of the first ``generate``)."""
+    saves about a second of the tiny model's first ``generate`` here)."""
     if greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), key
     key, sub = jax.random.split(key)
