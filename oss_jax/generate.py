@@ -188,7 +188,8 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
     cache_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), cache)
     loop_args = (graphdef, state, cache_shape, jax.ShapeDtypeStruct((B, cfg.vocab_size), jnp.float32), key,
                  stop, jnp.int32(max_new_tokens), *sampling)
-    loop_kw = dict(size=max_new_tokens, greedy=temperature == 0)
+    greedy = temperature == 0  # static: greedy decoding compiles no sampler
+    loop_kw = dict(size=max_new_tokens, greedy=greedy)
     warm = None
     if on_token is None and mesh is None:
         # XLA compiles one program at a time per caller: compile the token loop on another thread
@@ -215,7 +216,7 @@ def generate(model: GptOss, tokens: np.ndarray | Sequence[Sequence[int]], max_ne
         done = jnp.zeros((B,), bool)
         for i in range(max_new_tokens):
             tok, logits, cache, done, key = _decode_step(graphdef, state, cache, logits, key, done, stop,
-                                                         *sampling, greedy=temperature == 0)
+                                                         *sampling, greedy=greedy)
             out[:, i] = sharding.to_host(tok)
             on_token(out[:, i])
             if bool(jnp.all(done)):

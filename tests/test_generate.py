@@ -67,11 +67,12 @@ def test_token_loop_is_compiled_once(model, prompts, caplog):
     """``generate`` compiles its token loop on a second thread during the prefill: the call after
     the prefill must find that program, not compile the loop a second time."""
     caplog.set_level(logging.WARNING)
+    before = jax.config.jax_log_compiles
     jax.config.update("jax_log_compiles", True)  # globally: the `with` form is per thread
     try:
         generate(model, prompts, max_new_tokens=23)  # a length no other test uses: a new program
     finally:
-        jax.config.update("jax_log_compiles", False)
+        jax.config.update("jax_log_compiles", before)
     done = [r for r in caplog.records if "XLA compilation of jit(_decode_loop)" in r.getMessage()]
     assert len(done) == 1, [r.getMessage() for r in done]
     assert done[0].thread != threading.get_ident()  # compiled by the warm-up thread, not here
