@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from oss_jax import harmony
+from oss_jax import boundary, harmony
 from oss_jax.generate import PAD, generate
 from oss_jax.model import GptOss
 
@@ -93,9 +93,14 @@ def chat(model: GptOss, messages: str | Sequence[harmony.MessageLike], effort: s
 
     Returns:
       ``harmony.Reply`` with ``.analysis``, ``.final``, ``.messages`` and ``.tokens``.
+
+    Bad input raises one ``ValueError``/``TypeError``: messages as ``harmony.render`` checks them
+    ("message N: ..."), the sampling arguments as ``generate`` does.
     """
+    if on_text is not None and not callable(on_text):
+        raise TypeError(f"on_text must be a callable or None, got {type(on_text).__name__}")
     vocab = model.config.vocab_size
-    if model.token_map is None and vocab <= harmony.CALL:
+    if not boundary.reads_harmony(model):
         raise ValueError(f"this model's vocabulary has {vocab} tokens; chat needs the harmony special "
                          f"tokens (ids up to {harmony.CALL}), i.e. an o200k_harmony model")
     prompt = harmony.render(messages, effort)

@@ -7,15 +7,80 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 
 from oss_jax.checkpoint import CheckpointError
 
 DIM, RESET = "\033[2m", "\033[0m"
+INT32 = 2**31
+
+
+# -- argument types: a bad value is an argparse usage error (exit 2), before any model loads ---------
+def _int_in(lo: int, hi: int = INT32) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi)``."""
+    bound = "2**31" if hi == INT32 else str(hi)
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value < hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {bound}), got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``; ``hi`` may be inf)."""
+    interval = f">= {lo:g}" if hi == math.inf else f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+COUNT = _int_in(1)  # sizes, steps, token budgets: at least 1
+ID = _int_in(0)  # token ids, top-k, seeds: non-negative and within int32
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    """``raw`` decoded as strict UTF-8, or a one-line ValueError naming the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start})") from None
+
+
+def _stdin() -> str:
+    """All of standard input as text (strict UTF-8)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    return sys.stdin.read() if buffer is None else _utf8(buffer.read(), "standard input")
+
+
+def _arg_text(text: str | None, flag: str) -> str | None:
+    """A text argument, refused if the command line held bytes that are not UTF-8."""
+    if text is None:
+        return None
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # argv's undecodable bytes come back as they were
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{flag} is not valid text (lone surrogate at position {e.start})") from None
+    return _utf8(raw, flag)
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from convert import convert
+    from oss_jax.convert import convert
 
     out = convert(args.src, args.dst, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {out}")
@@ -33,15 +98,15 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from oss_jax import harmony
+    from oss_jax import boundary, harmony
     from oss_jax.generate import PAD, generate
 
     if args.tokens is not None:
-        prompt = [int(t) for t in args.tokens.replace(",", " ").split()]
+        prompt = _token_ids(args.tokens)
     else:
-        prompt = harmony.encode(args.prompt if args.prompt is not None else sys.stdin.read())
+        prompt = harmony.encode(_arg_text(args.prompt, "--prompt") if args.prompt is not None else _stdin())
     model = _load(args)
-    known = model.token_map is not None or model.config.vocab_size == harmony.VOCAB_SIZE
+    known = boundary.vocab_size(model) == harmony.VOCAB_SIZE  # o200k ids in and out: text can be decoded
     text_of = harmony.decode if known else None
     shown: list[int] = []
 
@@ -59,12 +124,27 @@ def _generate(args: argparse.Namespace) -> None:
         print()
 
 
+def _token_ids(text: str) -> list[int]:
+    """``--tokens``: ids separated by spaces or commas."""
+    ids = []
+    for word in text.replace(",", " ").split():
+        try:
+            ids.append(int(word))
+        except ValueError:
+            raise ValueError(f"--tokens: expected token ids like '1 2 3', got {word!r}") from None
+    return ids
+
+
 def _chat(args: argparse.Namespace) -> None:
     from oss_jax.chat import chat
 
+    message, system = _arg_text(args.message, "the message"), _arg_text(args.system, "--system")
+    one_shot = message is not None or not sys.stdin.isatty()
+    if message is None and one_shot:
+        message = _stdin()  # read (and checked) before the model loads
     model = _load(args)
     color = sys.stdout.isatty() and not args.json
-    history: list = [{"role": "system", "content": args.system}] if args.system else []
+    history: list = [{"role": "system", "content": system}] if system else []
 
     def show(channel: str | None, text: str) -> None:
         nonlocal current
@@ -96,8 +176,8 @@ def _chat(args: argparse.Namespace) -> None:
             print()
 
     current: str | None = "start"
-    if args.message is not None or not sys.stdin.isatty():
-        turn(args.message if args.message is not None else sys.stdin.read())
+    if one_shot:
+        turn(message)
         return
     print("oss-jax chat: an empty line or Ctrl-D ends the conversation.", file=sys.stderr)
     while True:
@@ -115,9 +195,17 @@ def _plan(args: argparse.Namespace) -> None:
     from oss_jax.sharding import plan
 
     cfg = args.model if args.model in PRESETS else Config.from_json(args.model)
-    mesh = tuple(int(x) for x in args.mesh.lower().split("x")) if args.mesh else args.devices
+    mesh = _mesh(args.mesh) if args.mesh else args.devices
     print(plan(cfg, mesh, context=args.context, batch=args.batch, dtype=args.dtype, experts=args.experts,
                chunk=args.prefill_chunk))
+
+
+def _mesh(text: str) -> tuple[int, int, int]:
+    """``--mesh DATAxEXPERTxTENSOR`` as a shape of three positive sizes."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"--mesh: expected DATAxEXPERTxTENSOR like 1x4x2, got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -168,11 +256,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "checkpoint, or a hub repo id")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="parameter dtype (default: float32 for tiny, else bfloat16)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    p.add_argument("--max-new-tokens", type=COUNT, default=256)
+    p.add_argument("--temperature", type=_float_in(0.0, math.inf), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=ID, default=0, help="0 = no limit")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=1.0)
+    p.add_argument("--seed", type=ID, default=0, help="PRNG seed for sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
 
 
@@ -193,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue (default: read standard input)")
     src.add_argument("--tokens", help="token ids to continue, e.g. '1 2 3'")
-    g.add_argument("--stop", type=int, nargs="*", default=[], help="stop token ids")
+    g.add_argument("--stop", type=ID, nargs="*", default=[], help="stop token ids")
     g.set_defaults(func=_generate)
 
     ch = sub.add_parser("chat", help="chat in the harmony format (one-shot or interactive)")
@@ -208,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="exact-match accuracy on held-out questions, per family and effort")
     ev.add_argument("--model", default="tiny", help="a model trained on oss_jax.data (default: the bundled one)")
     ev.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
-    ev.add_argument("--per-cell", type=int, default=50, help="questions per family and effort")
-    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--per-cell", type=COUNT, default=50, help="questions per family and effort")
+    ev.add_argument("--seed", type=ID, default=1234)
     ev.add_argument("--experts", nargs="+", default=["packed", "dense"], choices=["auto", "packed", "dense"],
                     help="expert storage variants to compare (default: MXFP4 packed vs decoded at load)")
     ev.add_argument("--json", action="store_true")
@@ -217,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tr = sub.add_parser("train", help="train the tiny model from scratch (resumes an interrupted run)")
     tr.add_argument("--out", default="runs/tiny", help="run directory (checkpoints, metrics, exports)")
-    tr.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
-    tr.add_argument("--seed", type=int, help="data and initialisation seed (default 0)")
+    tr.add_argument("--steps", type=COUNT, help="optimizer steps (default: the recipe's)")
+    tr.add_argument("--seed", type=ID, help="data and initialisation seed (default 0)")
     tr.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                     help="evaluate at the end: unquantized float32 vs the MXFP4 export (default: on)")
-    tr.add_argument("--per-cell", type=int, default=50, help="evaluation questions per family and effort")
+    tr.add_argument("--per-cell", type=COUNT, default=50, help="evaluation questions per family and effort")
     tr.add_argument("--ship", action="store_true", help="install the result as the bundled model (oss_jax/tiny)")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_train)
@@ -229,19 +317,26 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("plan", help="memory per device for a model, mesh and context (no device needed)")
     pl.add_argument("--model", default="gpt-oss-20b",
                     help="gpt-oss-20b, gpt-oss-120b, or a checkpoint directory / config.json")
-    pl.add_argument("--devices", type=int, default=1, help="device count (default mesh for it)")
+    pl.add_argument("--devices", type=COUNT, default=1, help="device count (default mesh for it)")
     pl.add_argument("--mesh", help="DATAxEXPERTxTENSOR, e.g. 1x4x2 (overrides --devices)")
-    pl.add_argument("--context", type=int, default=8192, help="positions in the KV cache")
-    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--context", type=COUNT, default=8192, help="positions in the KV cache")
+    pl.add_argument("--batch", type=COUNT, default=1)
     pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     pl.add_argument("--experts", default="packed", choices=["packed", "dense"])
-    pl.add_argument("--prefill-chunk", type=int, default=512)
+    pl.add_argument("--prefill-chunk", type=COUNT, default=512)
     pl.set_defaults(func=_plan)
 
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # ValueError includes UnicodeDecodeError
+        print(f"oss-jax {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from oss_jax.harmony import VocabError
+
+        if not isinstance(e, VocabError):  # the o200k vocabulary cannot be rebuilt: an install problem
+            raise
         print(f"oss-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

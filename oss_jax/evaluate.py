@@ -12,11 +12,12 @@ expected one exactly.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 
-from oss_jax import data, harmony
+from oss_jax import boundary, data, harmony
 from oss_jax.generate import PAD, generate
 from oss_jax.model import GptOss
 
@@ -45,6 +46,17 @@ def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: S
 
     Returns one :class:`Cell` per (family, effort), with up to ``keep_examples`` transcripts.
     """
+    vocab = model.config.vocab_size
+    if not boundary.reads_harmony(model):  # ids up to harmony.CALL, the largest special id a conversation uses
+        raise ValueError(f"this model cannot read harmony conversations (vocabulary of {vocab} ids, no token map): "
+                         "eval needs an o200k_harmony model or one trained on oss_jax.data")
+    if isinstance(per_cell, bool) or not isinstance(per_cell, numbers.Integral) or per_cell < 1:
+        raise ValueError(f"per_cell must be an integer >= 1, got {per_cell!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    for name, given, known in (("family", families, data.FAMILIES), ("effort", efforts, data.EFFORTS)):
+        if unknown := [x for x in given if x not in known]:
+            raise ValueError(f"unknown {name} {unknown[0]!r}: use {', '.join(known)}")
     cells = []
     for family in families:
         for effort in efforts:

@@ -26,10 +26,13 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -99,6 +102,9 @@ def _vocab_bytes() -> bytes:
     return b"".join(base64.b64encode(token_bytes(i)) + b" %d\n" % i for i in range(N_BPE))
 
 
+_fallback: Path | None = None  # this process's temporary vocabulary cache, if the default one is unwritable
+
+
 def ensure_vocab(path: str | os.PathLike | None = None) -> Path:
     """Return the path of a verified ``o200k_base.tiktoken`` in ``cache_dir(path)``, building it
     there first if it is missing or damaged (about 2 s). Never touches the network.
@@ -106,17 +112,47 @@ def ensure_vocab(path: str | os.PathLike | None = None) -> Path:
     The file is checked against ``VOCAB_SHA256`` before it is written, and written atomically
     (temporary file + rename), so a reader never sees half a file. Raises ``VocabError`` (and
     removes any damaged file) if the rebuilt bytes do not have the expected sha256.
+
+    An unwritable cache: with ``path`` given, one-line ``OSError`` naming the directory; the default
+    cache (``$OSS_JAX_CACHE``, ``~/.cache``) falls back to a temporary directory for this process,
+    with a warning naming the directory and ``OSS_JAX_CACHE`` (removed at exit).
     """
+    global _fallback
     directory = cache_dir(path)
     target = directory / VOCAB_FILE
     if _sha256(target) == VOCAB_SHA256:
         return target
+    if path is None and _fallback is not None and _sha256(_fallback / VOCAB_FILE) == VOCAB_SHA256:
+        return _fallback / VOCAB_FILE
     data = _vocab_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != VOCAB_SHA256:
-        target.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            target.unlink(missing_ok=True)
         raise VocabError(f"rebuilt {VOCAB_FILE} has sha256 {digest}, expected {VOCAB_SHA256}; "
                          "is the installed quicktok-v1 a different version?")
+    try:
+        _write_atomic(directory, target, data)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if path is not None:
+            raise OSError(f"cannot write the vocabulary cache {directory} ({reason}): pass a writable "
+                          f"directory") from None
+        fallback = Path(tempfile.mkdtemp(prefix="oss-jax-tiktoken-"))
+        atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+        warnings.warn(f"cannot write the vocabulary cache {directory} ({reason}); using {fallback} for this "
+                      f"process: set OSS_JAX_CACHE to a writable directory to keep it", stacklevel=2)
+        target = fallback / VOCAB_FILE
+        _write_atomic(fallback, target, data)
+        _fallback = fallback
+    if _sha256(target) != VOCAB_SHA256:  # e.g. a full disk
+        target.unlink(missing_ok=True)
+        raise VocabError(f"{target} does not have sha256 {VOCAB_SHA256} after writing it")
+    return target
+
+
+def _write_atomic(directory: Path, target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` via a temporary file in ``directory`` and a rename."""
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{VOCAB_FILE}.", suffix=".tmp")
     try:
@@ -128,10 +164,6 @@ def ensure_vocab(path: str | os.PathLike | None = None) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if _sha256(target) != VOCAB_SHA256:  # e.g. a full disk
-        target.unlink(missing_ok=True)
-        raise VocabError(f"{target} does not have sha256 {VOCAB_SHA256} after writing it")
-    return target
 
 
 @functools.cache
@@ -172,9 +204,31 @@ def _ids(tokens: Iterable[int] | np.ndarray) -> list[int]:
     return [int(t) for t in np.asarray(tokens).reshape(-1).tolist()]
 
 
-def encode(text: str) -> list[int]:
-    """Token ids of plain text. Special-token strings such as ``"<|start|>"`` are plain text too."""
-    return list(encoding().encode(text, disallowed_special=()))
+def _utf8(text: str | bytes, where: str) -> str:
+    """``text`` as a str that is valid UTF-8 (bytes are decoded), or a ``ValueError`` saying where it is not.
+
+    A str can hold lone surrogates (``"\\udcff"``, as ``surrogateescape`` reads undecodable bytes):
+    openai-harmony would silently replace them, or refuse them with a message about JSON.
+    """
+    if isinstance(text, bytes):
+        try:
+            return text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: text is not valid UTF-8 ({e.reason}: {text[e.start:e.end]!r} at character "
+                         f"{e.start})") from None
+    return text
+
+
+def encode(text: str | bytes) -> list[int]:
+    """Token ids of plain text (bytes: UTF-8). Special-token strings such as ``"<|start|>"`` are plain
+    text too. Text that is not valid UTF-8 (lone surrogates) raises ``ValueError``."""
+    return list(encoding().encode(_utf8(text, "encode"), disallowed_special=()))
 
 
 def decode(tokens: Iterable[int] | np.ndarray) -> str:
@@ -212,24 +266,39 @@ class Message:
 MessageLike = Mapping[str, Any] | Message
 
 
-def _to_harmony(m: MessageLike, effort: Effort) -> oh.Message:
-    """One dict (or ``Message``) as an openai-harmony message; see ``render`` for the rules."""
+def _to_harmony(m: MessageLike, effort: Effort, index: int = 0) -> oh.Message:
+    """One dict (or ``Message``) as an openai-harmony message; see ``render`` for the rules.
+
+    Errors are one ``ValueError`` starting ``message {index}:``.
+    """
+    where = f"message {index}"
+    if not isinstance(m, Message | Mapping):
+        raise ValueError(f"{where}: a message is a dict with 'role' and 'content', got {type(m).__name__}")
     d = m.as_dict() if isinstance(m, Message) else dict(m)
     unknown = set(d) - {"role", "content", "channel", "recipient", "name"}
     if unknown or "role" not in d or "content" not in d:
-        raise ValueError(f"a message is a dict with 'role' and 'content' (optional: channel, recipient, name), "
-                         f"got {sorted(d)}")
-    role, content = ROLES.get(d["role"]), d["content"]
-    if role is None:
-        raise ValueError(f"unknown role {d['role']!r}; roles are {', '.join(ROLES)}")
+        raise ValueError(f"{where}: a message is a dict with 'role' and 'content' (optional: channel, recipient, "
+                         f"name), got {sorted(map(str, d))}")
+    role, content = d["role"], d["content"]
+    if not isinstance(role, str) or role not in ROLES:
+        raise ValueError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+    role = ROLES[role]
+    for field in ("channel", "recipient", "name"):
+        value = d.get(field)
+        if value is not None:
+            if not isinstance(value, str | bytes):
+                raise ValueError(f"{where}: {field} must be a str, got {type(value).__name__}")
+            d[field] = _utf8(value, f"{where}: {field}")
+    if isinstance(content, str | bytes):
+        content = _utf8(content, where)
     if isinstance(content, str) and role == oh.Role.SYSTEM:
         content = oh.SystemContent.new().with_model_identity(content).with_reasoning_effort(EFFORTS[effort])
     elif isinstance(content, str) and role == oh.Role.DEVELOPER:
         content = oh.DeveloperContent.new().with_instructions(content)
     elif not isinstance(content, str | oh.Content):
-        raise ValueError(f"message content must be a str, got {type(content).__name__}")
+        raise ValueError(f"{where}: content must be a str, got {type(content).__name__}")
     if role == oh.Role.TOOL and not d.get("name"):
-        raise ValueError("a tool message needs the tool's 'name', e.g. 'functions.get_weather'")
+        raise ValueError(f"{where}: a tool message needs the tool's 'name', e.g. 'functions.get_weather'")
     msg = oh.Message.from_author_and_content(oh.Author(role=role, name=d.get("name")), content)
     channel = d.get("channel", "final" if role == oh.Role.ASSISTANT else None)
     if channel is not None:
@@ -270,11 +339,15 @@ def render(messages: str | Sequence[MessageLike], effort: Effort = "medium", *,
     With ``add_generation_prompt`` (the default) the ids end with ``<|start|>assistant``, ready for
     the model to continue; without it they end with the last message's ``<|end|>`` (or ``<|call|>``).
     """
-    if effort not in EFFORTS:
+    if not isinstance(effort, str) or effort not in EFFORTS:
         raise ValueError(f"effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
-    if isinstance(messages, str):
+    if isinstance(messages, str | bytes):
         messages = [{"role": "user", "content": messages}]
-    msgs = [_to_harmony(m, effort) for m in messages]
+    elif isinstance(messages, Mapping | Message):
+        raise ValueError("messages must be a str or a list of messages, got one message: wrap it in a list")
+    elif not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a str or a list of messages, got {type(messages).__name__}")
+    msgs = [_to_harmony(m, effort, i) for i, m in enumerate(messages)]
     if not any(m.author.role == oh.Role.SYSTEM for m in msgs):
         system = oh.SystemContent.new().with_reasoning_effort(EFFORTS[effort])
         msgs.insert(0, oh.Message.from_role_and_content(oh.Role.SYSTEM, system))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from oss_jax.vocab import TokenMap
 ORBAX_MARKER = "oss_jax.json"
 ORBAX_FORMAT = "oss-jax/orbax"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_FLOATS = (np.dtype(jnp.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
 
 
 TINY_DIR = Path(__file__).parent / "tiny"  # the bundled model (oss_jax.train --ship installs it)
@@ -47,7 +50,9 @@ def load(source: str | os.PathLike, dtype: str | jnp.dtype | None = None, expert
         or sharded safetensors, MXFP4 or dense experts), OpenAI's ``original/`` directory, a
         directory written by ``oss-jax convert``,
         or a hub repo id such as ``"openai/gpt-oss-20b"`` (downloaded with ``huggingface_hub``;
-        ``HF_HUB_OFFLINE=1`` restricts it to the local cache).
+        ``HF_HUB_OFFLINE=1`` restricts it to the local cache). Paths may be relative to the
+        current directory. The string ``"tiny"`` always means the bundled model, even where a
+        file or folder ``tiny`` exists: write ``"./tiny"`` (or pass a ``Path``) for that one.
       dtype: parameter dtype, ``"bfloat16"`` or ``"float32"``; default bfloat16, except float32
         for ``"tiny"`` (4M parameters: precision costs nothing there).
       experts: ``"auto"`` keeps MXFP4 experts packed (decoded on the fly) and dense ones dense;
@@ -62,7 +67,7 @@ def load(source: str | os.PathLike, dtype: str | jnp.dtype | None = None, expert
     Returns:
       A ``GptOss`` module: ``model(tokens [B, T] int32) -> logits [B, T, V] float32``.
     """
-    if str(source) == "tiny" and not Path("tiny").exists():
+    if isinstance(source, str) and source == "tiny":  # the bundled model; ./tiny is a local directory
         source = TINY_DIR / "model"
         if not (source / "config.json").exists():
             raise CheckpointError(f"the bundled tiny model is missing from {TINY_DIR} (train it: oss-jax train --ship)")
@@ -113,7 +118,9 @@ def save(model: GptOss, dst: str | os.PathLike, *, mxfp4: bool = True, float_dty
 
     Args:
       model: a model with dense experts (as trained).
-      dst: the directory to (re)place.
+      dst: the directory to write: missing, empty, or an earlier save (holding only ``config.json``,
+        ``model.safetensors`` and ``vocab.json`` files), which is replaced. Anything else (a file,
+        a directory with other contents) raises ``CheckpointError`` and is left untouched.
       mxfp4: store the experts as MXFP4 blocks and scales (``mxfp4.encode``), as gpt-oss does.
       float_dtype: dtype of every other tensor (``"bfloat16"`` as gpt-oss, or ``"float32"``).
       token_map: a small model's vocabulary map, saved as ``vocab.json`` (default: the model's).
@@ -122,6 +129,18 @@ def save(model: GptOss, dst: str | os.PathLike, *, mxfp4: bool = True, float_dty
     token_map = token_map if token_map is not None else model.token_map
     if model.layers[0].mlp.experts.packed:
         raise ValueError("save() writes models with dense experts (load with experts='dense')")
+    dst = Path(dst)
+    writes = ("config.json", "model.safetensors", "vocab.json")
+
+    def earlier_save(path: Path) -> str | None:
+        other = [p for p in path.iterdir() if p.name not in writes or p.is_symlink() or not p.is_file()]
+        return f"save writes only {', '.join(writes)}" if other else None
+
+    def check(path: Path) -> None:
+        checkpoint.check_destination(path, overwrite=True, ours=earlier_save, what="a checkpoint written by save")
+
+    checkpoint.remove_stale_temporaries(dst)
+    check(dst)
     np_dtype = np.dtype(_float_dtype(float_dtype))
     cfg = model.config.replace(quant_method="mxfp4" if mxfp4 else None)
     params = {tuple(path): np.asarray(var.get_value()) for path, var in nnx.iter_graph(model)
@@ -135,13 +154,18 @@ def save(model: GptOss, dst: str | os.PathLike, *, mxfp4: bool = True, float_dty
         hf["eos_token_id"] = int(token_map.to_model([harmony.RETURN])[0]) if token_map is not None else None
     if extra:
         hf["oss_jax"] = extra
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with checkpoint.atomic_directory(dst) as tmp:
-        checkpoint.write_safetensors(tmp / "model.safetensors", tensors)
-        if token_map is not None:
-            token_map.save(tmp)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=1))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with checkpoint.atomic_directory(dst, check=check) as tmp:
+            checkpoint.write_safetensors(tmp / "model.safetensors", tensors)
+            if token_map is not None:
+                token_map.save(tmp)
+            (tmp / "config.json").write_text(json.dumps(hf, indent=1))
+    except (OSError, CheckpointError) as e:  # a full disk: one line naming the destination
+        cause = e if isinstance(e, OSError) else e.__cause__  # write_safetensors chains the OSError
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(f"{dst}: cannot write ({cause.strerror or cause})") from None
     return dst
 
 
@@ -207,12 +231,15 @@ def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray | LazyTensor]],
 
 # -- sources -------------------------------------------------------------------------------------
 def resolve(source: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local directory for ``source``: the path itself, or a hub snapshot for a repo id."""
+    """A local directory for ``source``, absolute: the path itself, or a hub snapshot for a repo id.
+
+    A relative path is taken from the current directory (``Path.absolute``: symlinks are kept as written).
+    """
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
-        return path
+        return path.absolute()
     text = str(source)
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise CheckpointError(f"{text}: no such directory (and not a hub repo id like 'openai/gpt-oss-20b')")
@@ -240,39 +267,100 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
 
 def open_orbax(path: Path) -> tuple[Config, bool, list[str]]:
-    """Read and check the marker and config of a converted checkpoint."""
+    """Read and check the marker and config of a converted checkpoint.
+
+    The marker's groups must be exactly ``embed_VD``, ``norm``, ``unembed_VD`` and one ``layers.N``
+    per layer of the config (checked before anything is built), each a directory under ``params/``.
+    """
+    marker = path / ORBAX_MARKER
     try:
-        meta = json.loads((path / ORBAX_MARKER).read_text())
-        assert meta["format"] == ORBAX_FORMAT and isinstance(meta["groups"], list)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise CheckpointError(f"{path / ORBAX_MARKER}: not an oss-jax checkpoint marker") from None
-    try:
-        cfg = Config.from_json(path)
-    except ValueError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    for g in meta["groups"]:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError, RecursionError):
+        meta = None
+    meta = meta if isinstance(meta, dict) else {}
+    groups, experts = meta.get("groups"), meta.get("experts")
+    if not (meta.get("format") == ORBAX_FORMAT and experts in ("mxfp4", "dense") and isinstance(groups, list)
+            and all(isinstance(g, str) for g in groups)):
+        raise CheckpointError(f"{marker}: not an oss-jax checkpoint marker")
+    cfg = checkpoint.read_config(path)
+    checkpoint.check_layers(path, cfg, checkpoint.layer_indices(groups, "layers"), "parameter groups for")
+    expected = {"embed_VD", "norm", "unembed_VD"} | {f"layers.{i}" for i in range(cfg.num_hidden_layers)}
+    for problem, names in (("unexpected", set(groups) - expected), ("not listed", expected - set(groups)),
+                           ("listed twice", {g for g, c in Counter(groups).items() if c > 1})):
+        if names:
+            raise CheckpointError(f"{marker}: parameter group {min(names)!r} {problem}")
+    for g in groups:
         if not (path / "params" / g).is_dir():
             raise CheckpointError(f"{path / 'params' / g}: missing parameter group")
-    return cfg, meta["experts"] == "mxfp4", meta["groups"]
+    return cfg, experts == "mxfp4", groups
 
 
 def read_orbax(path: Path, groups: list[str]) -> Iterator[tuple[Path_, np.ndarray]]:
-    """Yield ``(parameter path, numpy array)`` from a converted checkpoint, one group at a time."""
+    """Yield ``(parameter path, numpy array)`` from a converted checkpoint, one group at a time.
+
+    A group that cannot be restored (data deleted or corrupt) is one ``CheckpointError`` line naming
+    it; float arrays are checked for NaN/Inf and MXFP4 scales for 255, as when reading safetensors.
+    """
     import orbax.checkpoint as ocp
 
+    path = Path(path).absolute()  # orbax refuses relative paths
+    _drop_abandoned_callback_errors()
     ckpt = ocp.StandardCheckpointer()
-    for g in groups:
-        try:
-            tree = ckpt.restore(path / "params" / g)
-        except Exception as e:
-            raise CheckpointError(f"{path / 'params' / g}: unreadable ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        prefix: Path_ = ("layers", int(g.split(".")[1])) if g.startswith("layers.") else (g,)
-        for keys, arr in _flatten(tree):
-            if keys == ("value",) and not prefix[0] == "layers":
-                keys = ()
-            yield prefix + keys, np.asarray(arr)
-        del tree
+    try:
+        for g in groups:
+            where = path / "params" / g
+            try:
+                tree = ckpt.restore(where)
+            except Exception as e:
+                raise CheckpointError(f"{where}: unreadable orbax group (data missing or corrupt: "
+                                      f"{_first_line(e)})") from None
+            prefix: Path_ = ("layers", int(g.split(".")[1])) if g.startswith("layers.") else (g,)
+            for keys, arr in _flatten(tree):
+                arr, what = np.asarray(arr), f"{where}: array {'.'.join(map(str, keys))!r}"
+                packed = str(keys[-1]).endswith(("_blocks", "_scales"))
+                if (arr.dtype != np.uint8) if packed else (arr.dtype not in _FLOATS):
+                    raise CheckpointError(f"{what} has dtype {arr.dtype}, expected "
+                                          f"{'uint8 (MXFP4)' if packed else 'bfloat16, float16 or float32'}")
+                checkpoint.check_values(arr, what, scales=str(keys[-1]).endswith("scales"))
+                if keys == ("value",) and not prefix[0] == "layers":
+                    keys = ()
+                yield prefix + keys, arr
+            del tree
+    finally:
+        ckpt.close()
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    """``Type: first line`` of an exception, without tensorstore's spec dump, at most ``limit`` characters."""
+    text = str(e).strip().split("\n", 1)[0].split(" [tensorstore_spec=", 1)[0]
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _drop_abandoned_callback_errors() -> None:
+    """Silence tensorstore's "Event loop is closed" reports after a failed orbax restore (installed once).
+
+    When one read of a group fails, orbax closes its event loop while the group's other reads are still
+    in flight; as each finishes, tensorstore calls ``loop.call_soon_threadsafe`` on the closed loop and
+    Python prints the ``RuntimeError`` as an unraisable exception, after the real error was reported.
+    Only that error, raised from that asyncio call, is dropped; everything else reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "oss_jax_orbax", False):
+        return
+
+    def hook(unraisable) -> None:
+        exc, tb = unraisable.exc_value, unraisable.exc_traceback
+        frames = []
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                and "call_soon_threadsafe" in frames):
+            previous(unraisable)
+
+    hook.oss_jax_orbax = True
+    sys.unraisablehook = hook
 
 
 def _flatten(tree: dict, prefix: Path_ = ()) -> Iterator[tuple[Path_, np.ndarray]]:

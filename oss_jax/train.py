@@ -27,8 +27,10 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +87,13 @@ class TrainConfig:
     checkpoint_every: int = 200
     snapshot_steps: tuple[int, ...] = (100, 500, 1500)  # whole small checkpoints kept for the notebooks
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        """Refuse counts that would train nothing (``steps=0`` would export an untrained model)."""
+        for name, least in (("steps", 1), ("batch", 1), ("checkpoint_every", 1), ("log_every", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {least}, got {value!r}")
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -228,10 +237,14 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
     ``stop_after``: stop (after checkpointing) at this step, as if interrupted; for tests.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: expected a run directory, got a file")
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "train_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != _jsonable(tc):
+    if saved.exists() and _read_json(saved) != _jsonable(tc):
         raise ValueError(f"{out} holds a run with a different configuration ({saved}); use a new --out")
+    metrics_path = out / "metrics.jsonl"
+    logged = read_metrics(metrics_path)  # a corrupt log is refused before any work
     saved.write_text(json.dumps(_jsonable(tc), indent=1))
     tmap = TokenMap(data.vocabulary())
     cfg = tiny_config(len(tmap))
@@ -247,8 +260,7 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
         abstract = {"params": params, "opt_state": opt_state}
         restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
         params, opt_state = restored["params"], restored["opt_state"]
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    _truncate_metrics(metrics_path, logged, start)
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = _bar(progress, start, tc.steps)
     t0 = time.perf_counter()
@@ -334,12 +346,47 @@ def _jsonable(tc: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(tc)))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+def _read_json(path: Path) -> object:
+    """The JSON in ``path``, or a one-line ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``.
+
+    A torn last line (a run killed mid-write) is dropped with a warning naming the file; a corrupt
+    line before it, or a row without an integer ``step``, is a ValueError ``"<file>:<line>: ..."``.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    rows = []
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    for i, (n, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(numbered) - 1:
+                warnings.warn(f"{path}:{n}: dropped a torn last line (a run interrupted mid-write)", stacklevel=2)
+                break
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{n}: not a metrics row (no integer 'step')")
+        rows.append(row)
+    return rows
+
+
+def _truncate_metrics(path: Path, rows: list[dict], step: int) -> None:
+    """Rewrite ``path`` as ``rows`` (from ``read_metrics``: no torn last line) up to ``step``,
+    dropping those written after the checkpoint a resumed run starts from."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
 
 
 def _bar(progress: bool, start: int, total: int):

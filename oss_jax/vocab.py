@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from oss_jax import harmony
+from oss_jax.checks import INT32_MAX, check_range, int_array
 
 UNKNOWN = 0  # the model id of every o200k token outside the model's vocabulary
 FILENAME = "vocab.json"
@@ -50,10 +51,18 @@ class TokenMap:
 
     def to_model(self, tokens, *, strict: bool = False) -> np.ndarray:
         """o200k ids (any shape) -> model ids. Unknown tokens become ``UNKNOWN`` with a warning
-        (``strict``: a ``ValueError``); negative ids (padding) pass through unchanged."""
-        t = np.asarray(tokens, np.int64)
-        if t.size and (t.max() >= harmony.VOCAB_SIZE):
-            raise ValueError(f"token id {int(t.max())} is outside o200k_harmony [0, {harmony.VOCAB_SIZE})")
+        (``strict``: a ``ValueError``); negative ids (padding) pass through unchanged.
+
+        The ids are checked before they are cast: integers only (not floats or bools), in
+        ``[-2**31, VOCAB_SIZE)``; ``oss_jax.boundary`` also refuses negative ids from users."""
+        t = int_array(tokens, "tokens")
+        if t.size:
+            lo, hi = int(t.min()), int(t.max())
+            if hi >= harmony.VOCAB_SIZE:
+                raise ValueError(f"token id {hi} is outside o200k_harmony [0, {harmony.VOCAB_SIZE})")
+            if lo < -INT32_MAX - 1:
+                raise ValueError(f"token id {lo} is below int32's range (negative ids are padding, e.g. -1)")
+        t = np.asarray(t).astype(np.int64)
         out = np.where(t < 0, t, self._model[np.clip(t, 0, None)]).astype(np.int32)
         unknown = (out == UNKNOWN) & (t >= 0)
         if unknown.any():
@@ -67,7 +76,9 @@ class TokenMap:
 
     def to_o200k(self, tokens) -> np.ndarray:
         """Model ids (any shape) -> o200k ids; negative ids (padding) pass through unchanged."""
-        t = np.asarray(tokens, np.int64)
+        t = int_array(tokens, "model ids")
+        check_range(t, -INT32_MAX - 1, len(self), "model ids", "this model's vocabulary (or padding)")
+        t = np.asarray(t).astype(np.int64)
         return np.where(t < 0, t, self.o200k[np.clip(t, 0, len(self) - 1)]).astype(np.int32)
 
     def save(self, directory: str | os.PathLike) -> Path:

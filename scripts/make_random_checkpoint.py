@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,16 +121,33 @@ def hf_config(cfg: Config) -> dict:
     return dict(sorted(d.items()))
 
 
+WRITES = re.compile(r"config\.json|model\.safetensors\.index\.json|model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def earlier_random_checkpoint(path: Path) -> str | None:
+    """None when directory ``path`` holds only files this script writes, else why not."""
+    other = sorted(p.name for p in path.iterdir() if not WRITES.fullmatch(p.name) or p.is_symlink() or not p.is_file())
+    return f"this script does not write {', '.join(other)}" if other else None
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse ``out`` unless it is missing, empty, or (with ``overwrite``) an earlier random checkpoint."""
+    checkpoint.check_destination(out, overwrite=overwrite, ours=earlier_random_checkpoint,
+                                 what="a random checkpoint", hint=" (--overwrite replaces only an earlier one)")
+
+
 def write_random_checkpoint(out: str | os.PathLike, cfg: Config, *, seed: int = 0, shards: int = 3,
                             overwrite: bool = False, progress: bool = False) -> Path:
     """Write a random MXFP4 checkpoint for ``cfg`` to the directory ``out``; return its path.
 
     Shards are named like the real ones (``model-00000-of-00002.safetensors`` for 3 shards; a
     single shard is ``model.safetensors``, with no index). Deterministic for a given ``seed``.
+    ``out`` must be missing or empty; ``overwrite`` replaces an earlier random checkpoint (a directory
+    holding only ``config.json``, shards and their index), never anything else (``CheckpointError``).
     """
     out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    checkpoint.remove_stale_temporaries(out)
+    check_destination(out, overwrite)
     if cfg.quant_method != "mxfp4":
         cfg = cfg.replace(quant_method="mxfp4")  # validates hidden/intermediate % 32
     specs = tensor_specs(cfg)
@@ -154,7 +172,7 @@ def write_random_checkpoint(out: str | os.PathLike, cfg: Config, *, seed: int = 
                 bar.update(sizes[name])
 
     try:
-        with checkpoint.atomic_directory(out) as tmp:
+        with checkpoint.atomic_directory(out, check=lambda d: check_destination(d, overwrite)) as tmp:
             for fname, names in zip(files, groups, strict=True):
                 checkpoint.write_safetensors(tmp / fname, generate(names),
                                              shapes={n: specs[n] for n in names}, metadata={"format": "pt"})
@@ -178,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--shards", type=int, default=3,
                         help="number of safetensors files (default 3, as the real 20b)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is an earlier random checkpoint (never anything else)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:

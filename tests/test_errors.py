@@ -163,7 +163,7 @@ def test_bad_tokens(mxfp4_dir):
 
 def test_interrupted_conversion_leaves_nothing(mxfp4_dir, tmp_path, monkeypatch):
     """An exception half-way (as from Ctrl-C) removes the temporary directory; DST never appears."""
-    from convert import converter
+    from oss_jax import convert as converter
 
     calls = {"n": 0}
     real = checkpoint.to_params
@@ -182,7 +182,7 @@ def test_interrupted_conversion_leaves_nothing(mxfp4_dir, tmp_path, monkeypatch)
 
 def test_half_written_orbax_does_not_load(mxfp4_dir, tmp_path):
     """A conversion killed before the marker is written leaves a directory that load refuses."""
-    from convert import convert
+    from oss_jax.convert import convert
 
     out = convert(mxfp4_dir, tmp_path / "out", progress=False)
     (out / "oss_jax.json").unlink()

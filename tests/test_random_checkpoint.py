@@ -75,7 +75,7 @@ def test_deterministic_and_no_overwrite(script, ckpt, tmp_path):
     b = checkpoint.open_checkpoint(again).tensors
     for name in ("lm_head.weight", "model.layers.1.mlp.experts.down_proj_blocks"):
         assert np.array_equal(checkpoint.read_tensor(a[name]), checkpoint.read_tensor(b[name]))
-    with pytest.raises(FileExistsError):
+    with pytest.raises(checkpoint.CheckpointError, match=r"again: already exists \(pass --overwrite"):
         script["write_random_checkpoint"](again, TINY)
 
 
