@@ -4,7 +4,7 @@ A batch-1 decode step reads every weight matrix it uses once: per layer the atte
 projections, the router and k of the E experts, then the unembedding. On a CPU those reads, not
 the arithmetic, set the pace. This script times numpy matrix-vector products over arrays of
 exactly those shapes (the k experts drawn at random from stacked arrays, so that they come from
-memory, not cache) as the floor, and oss-jax's compiled decode step (`GptOss.forward` with a KV
+memory, not cache) as the floor, and oss-jax's compiled decode step (`compiled_apply` with a KV
 cache, as `generate` runs it) on a random model of the same shape, both float32, in one run.
 
     .venv/bin/python benchmarks/decode_floor.py            # 100m and the 20b-shaped layer
@@ -61,18 +61,18 @@ def floor(cfg, reps: int, seed: int = 0) -> tuple[float, float]:
 def ours(cfg, reps: int, slice_mib: float | None = None) -> float:
     """Median ms of oss-jax's compiled batch-1 decode step (one token at position 16, cache of 256).
 
-    ``slice_mib``: overrides ``oss_jax.model.SLICE_BYTES`` (0: experts are never sliced).
+    ``slice_mib``: overrides ``oss_jax.kernels.experts.SLICE_BYTES`` (0: experts are never sliced).
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from oss_jax import model as model_lib
     from oss_jax.cache import KVCache
+    from oss_jax.kernels import experts as expert_kernels
     from oss_jax.model import GptOss, compiled_apply
 
     if slice_mib is not None:
-        model_lib.SLICE_BYTES = int(slice_mib * 2**20) if slice_mib > 0 else 1 << 62
+        expert_kernels.SLICE_BYTES = int(slice_mib * 2**20) if slice_mib > 0 else 1 << 62
 
     model = GptOss(cfg, packed=False, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -92,7 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", choices=sorted(SPECS), default=sorted(SPECS))
     p.add_argument("--slice-mib", type=float, default=None,
-                   help="oss-jax's expert slice size in MiB (default: model.SLICE_BYTES; 0: no slicing)")
+                   help="oss-jax's expert slice size in MiB (default: kernels.experts.SLICE_BYTES; 0: no slicing)")
     p.add_argument("--out", default="decode_floor.md", help="file name under benchmarks/results/")
     args = p.parse_args()
     from oss_jax.config import Config

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     import oss_jax
     from oss_jax.cache import KVCache
     from oss_jax.config import GPT_OSS_20B
+    from oss_jax.model import compiled_apply
 
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             cache = KVCache.create(cfg, B, L + room, model.embed_VD[...].dtype)
             pos = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))
             for s in range(0, L, C):
-                logits, cache = model.forward(jax.numpy.asarray(toks[:, s:s + C]), jax.numpy.asarray(pos[:, s:s + C]),
-                                              cache, last_only=True)
+                logits, cache = compiled_apply(*nnx.split(model), jax.numpy.asarray(toks[:, s:s + C]),
+                                               jax.numpy.asarray(pos[:, s:s + C]), cache, last_only=True)
             return np.asarray(logits)
 
         # 3. decode

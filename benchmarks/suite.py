@@ -27,7 +27,7 @@ the same ``--threads`` cores (default: every core this process may use); torch g
 ``torch.set_num_threads`` of that, XLA sizes its thread pool from the affinity mask.
 
 * prefill T: one sequence of T random tokens through the model into an empty KV cache, logits of
-  the last position. oss-jax: ``GptOss.forward`` in chunks of ``--chunk`` (512, as ``generate``
+  the last position. oss-jax: ``compiled_apply`` in chunks of ``--chunk`` (512, as ``generate``
   does); transformers: one ``model(ids, use_cache=True, logits_to_keep=1)``.
 * decode batch B: ``generate`` of N new tokens, greedy, KV cache on both sides (transformers:
   ``generate(do_sample=False, use_cache=True)``), from B prompts of 16 random tokens. Decode
@@ -98,7 +98,7 @@ def random_tokens(seed: int, vocab: int, B: int, T: int):
 
 
 class Ours:
-    """oss-jax: ``oss_jax.load`` then ``GptOss.forward`` / ``oss_jax.generate``."""
+    """oss-jax: ``oss_jax.load`` then ``compiled_apply`` / ``oss_jax.generate``."""
 
     def __init__(self, ckpt: str, dtype: str, chunk: int):
         import oss_jax
@@ -122,8 +122,10 @@ class Ours:
         """Forward of ``[B, T]`` tokens at positions ``start...`` into an empty cache of ``S`` positions."""
         import jax.numpy as jnp
         import numpy as np
+        from flax import nnx
 
         from oss_jax.cache import KVCache
+        from oss_jax.model import compiled_apply
 
         m = self.model
         toks = jnp.asarray(random_tokens(seed, self.vocab, B, T))
@@ -131,7 +133,7 @@ class Ours:
         cache = KVCache.create(m.config, B, S, m.embed_VD[...].dtype)
         C = chunk or T
         for s in range(0, T, C):
-            logits, cache = m.forward(toks[:, s:s + C], pos[:, s:s + C], cache, last_only=True)
+            logits, cache = compiled_apply(*nnx.split(m), toks[:, s:s + C], pos[:, s:s + C], cache, last_only=True)
         np.asarray(logits)
 
     def compiled_step(self, B: int, T: int, start: int, S: int, seed: int) -> int:
@@ -425,7 +427,7 @@ def bench_model(name: str, ckpt: Path, args, notes: list[str]) -> dict:
 def bench_dispatch(name: str, ckpt: Path, args) -> dict:
     """Every ``Experts.dispatch`` mode on one model (oss-jax only), modes alternating call by call.
 
-    Each regime is one compiled forward (``GptOss.forward``, as ``generate`` calls it): a prefill
+    Each regime is one compiled forward (``compiled_apply``, as ``generate`` calls it): a prefill
     of T tokens (batch 1, empty cache of T + 1), and a decode step (batch B, one token at position
     16 into a cache of 32 positions). Tokens/s = B * T / time of one call. Also XLA's temporaries
     of each compiled forward (``memory_analysis``): the working memory a mode needs.
@@ -531,7 +533,7 @@ def report(rows: list[dict], dispatch: dict[str, dict], args, notes: list[str], 
                   f"sequence of {plan['dispatch_prefill']} tokens, one compiled forward; decode: one compiled decode "
                   f"step (one token per row at position {PROMPT}, cache of {2 * PROMPT}), tokens/s = batch / time. "
                   f"Median of {plan['dispatch_reps'][name]} calls after a first; modes alternate call by call. `auto` "
-                  "is the policy in `oss_jax/model.py` at the time of the run.", ""]
+                  "is the policy in `oss_jax/kernels/experts.py` at the time of the run.", ""]
         regimes = [("prefill", 1)] + [("decode", B) for B in plan["dispatch_batches"]]
         names = [f"prefill {plan['dispatch_prefill']} tokens" if k == "prefill" else f"decode batch {B}"
                  for k, B in regimes]

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from oss_jax import boundary
+
 # -- helpers ---------------------------------------------------------------------------------------
 
 
@@ -543,9 +545,7 @@ def logit_lens(model, residual: np.ndarray, *, top: int = 5, targets: np.ndarray
     n = flat.shape[0]
     tg = np.zeros(lead[1:], np.int32) if targets is None else np.asarray(targets, np.int32)
     tg = np.broadcast_to(tg, lead).reshape(-1)
-    tmap = model.token_map  # a small vocabulary: targets and top ids are o200k ids outside
-    if tmap is not None:
-        tg = tmap.to_model(tg)
+    tg = boundary.to_model(model, tg, "targets")  # targets and top ids are user ids (o200k, small vocabulary)
     rows = min(rows, n)
     norm_def, norm_state = nnx.split(model.norm)
     unembed = model.unembed_VD[...]
@@ -559,7 +559,6 @@ def logit_lens(model, residual: np.ndarray, *, top: int = 5, targets: np.ndarray
         out = _lens_rows(norm_def, norm_state, unembed, jnp.asarray(x), jnp.asarray(t), top=top)
         outs.append([np.asarray(o)[:m] for o in out])
     top_ids, top_probs, entropy, target = (np.concatenate(parts) for parts in zip(*outs, strict=True))
-    if tmap is not None:
-        top_ids = tmap.to_o200k(top_ids)
+    top_ids = boundary.to_user(model, top_ids)
     return LogitLens(top_ids=top_ids.reshape(*lead, top), top_probs=top_probs.reshape(*lead, top),
                      entropy=entropy.reshape(lead), target_probs=None if targets is None else target.reshape(lead))

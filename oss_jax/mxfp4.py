@@ -8,7 +8,8 @@ the even element in the low nibble. Stored shapes, for a weight used as ``y = W 
     blocks  uint8 [..., out, in/32, 16]
     scales  uint8 [..., out, in/32]
 
-``decode`` turns them back into ``[..., out, in]``; ``encode`` goes the other way.
+``decode`` turns them back into ``[..., out, in]`` by the table ``FP4_VALUES``; ``encode`` goes the
+other way; ``nbytes`` counts the bytes. ``oss_jax.kernels.mxfp4`` decodes to the same bits, faster.
 
 Edge cases, none of which real weights reach: scale byte 255 (NaN in the OCP spec) decodes to
 infinity; decoded values below 2**-126 (scale bytes near 0) are flushed to zero by XLA on CPU.
@@ -35,7 +36,7 @@ _UPPER_IS_ODD = np.array([True, False, True, False, True, False, True])
 
 
 def decode(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
-    """Dequantize MXFP4.
+    """Dequantize MXFP4: ``FP4_VALUES[code] * 2**(scale - 127)``, the low nibble first.
 
     Args:
       blocks: uint8 ``[..., nb, 16]`` packed codes.
@@ -43,53 +44,29 @@ def decode(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.bfloat16
       dtype: output float dtype. Every value is exactly representable in bf16 and fp32.
 
     Returns:
-      ``[..., nb * 32]`` values ``FP4_VALUES[code] * 2**(scale - 127)``.
+      ``[..., nb * 32]`` values (``kernels.mxfp4.decode`` gives the same bits, faster).
     """
-    blocks, scales = _checked(blocks, scales, "decode")
-    codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # even element (low nibble) first
-    out = _values(codes.reshape(*scales.shape, BLOCK), scales)
-    return out.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK).astype(dtype)
+    blocks, scales = checked(blocks, scales, "mxfp4.decode")
+    codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # byte i holds elements 2i (low), 2i+1 (high)
+    codes = codes.reshape(*scales.shape, BLOCK)  # [..., nb, 32]: one scale per row of 32 codes
+    exponent = scales.astype(jnp.int32)[..., None] - SCALE_BIAS
+    values = jnp.ldexp(jnp.asarray(FP4_VALUES)[codes], exponent)  # ldexp(v, e) = v * 2**e, exactly
+    return values.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK).astype(dtype)
 
 
-def matmul(x_MI: jax.Array, blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
-    """``x @ decode(blocks, scales).T`` for a weight stored ``[out, in]``: ``[M, in]`` -> ``[M, out]``.
-
-    The interleaved weight is never built: even inputs meet the low nibbles and odd inputs the
-    high ones, ``x[:, 0::2] @ lo.T + x[:, 1::2] @ hi.T``. Interleaving the two nibble planes is a
-    strided copy that XLA's CPU backend runs several times slower than both matmuls together.
-    """
-    blocks, scales = _checked(blocks, scales, "matmul")
-    lo = _values(blocks & 0x0F, scales).reshape(*scales.shape[:-1], -1).astype(dtype)
-    hi = _values(blocks >> 4, scales).reshape(*scales.shape[:-1], -1).astype(dtype)
-    return x_MI[:, 0::2] @ lo.T + x_MI[:, 1::2] @ hi.T
+def matmul(x_RI: jax.Array, blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
+    """``x @ decode(blocks, scales).T`` for a weight stored ``[O, I]``: ``[R, I]`` -> ``[R, O]``."""
+    blocks, scales = checked(blocks, scales, "mxfp4.matmul")
+    return x_RI @ decode(blocks, scales, dtype).T
 
 
-def _values(codes: jax.Array, scales: jax.Array) -> jax.Array:
-    """float32 values of 4-bit codes ``[..., nb, n]`` (integers 0..15) under scales ``[..., nb]``.
-
-    Builds each float32 bit pattern directly: a table gather and ``ldexp`` are both slow on XLA's
-    CPU backend, and this is ~8x faster there, with the same bits as ``FP4_VALUES * 2**(s - 127)``.
-    A code is sign | e (2 bits) | m; its value is (1 + m/2) * 2**(e - 1) for e > 0, and m/2 for
-    e = 0. Times 2**(s - 127), the float32 exponent field is e + s - 1 (the mantissa's top bit is
-    m); for code 1 (0.5) it is s - 1 with no mantissa. Fields >= 255 overflow to infinity; fields
-    <= 0 would be subnormal and are flushed to zero, as XLA's CPU arithmetic does anyway.
-    """
-    codes = codes.astype(jnp.int32)
-    sign, mag = (codes >> 3) << 31, codes & 7
-    normal = mag >= 2
-    field = jnp.where(normal, mag >> 1, 0) + scales.astype(jnp.int32)[..., None] - 1
-    bits = jnp.where(field >= 255, 0x7F800000, (field << 23) | jnp.where(normal, (mag & 1) << 22, 0))
-    bits = jnp.where((mag == 0) | (field <= 0), 0, bits)
-    return jax.lax.bitcast_convert_type(bits | sign, jnp.float32)
-
-
-def _checked(blocks, scales, fn: str) -> tuple[jax.Array, jax.Array]:
-    """``blocks`` and ``scales`` as arrays, or a clear error when they cannot be MXFP4."""
+def checked(blocks, scales, fn: str) -> tuple[jax.Array, jax.Array]:
+    """``blocks`` and ``scales`` as arrays, or a one-line error (naming ``fn``) when they cannot be MXFP4."""
     blocks, scales = jnp.asarray(blocks), jnp.asarray(scales)
     if blocks.dtype != jnp.uint8 or scales.dtype != jnp.uint8:
-        raise TypeError(f"mxfp4.{fn}: blocks and scales must be uint8, got {blocks.dtype}, {scales.dtype}")
+        raise TypeError(f"{fn}: blocks and scales must be uint8, got {blocks.dtype}, {scales.dtype}")
     if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"mxfp4.{fn}: blocks {blocks.shape} and scales {scales.shape} do not match "
+        raise ValueError(f"{fn}: blocks {blocks.shape} and scales {scales.shape} do not match "
                          f"(expected blocks [..., nb, 16] and scales [..., nb])")
     return blocks, scales
 

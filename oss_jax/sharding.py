@@ -37,7 +37,7 @@ range of 2F/t rows holds whole gate/linear pairs) along ``out``, ``down`` (``in`
 blocks. The tiny test model has 7 experts: with an ``expert`` axis of 2, 4 or 8 its experts are
 replicated along that axis (and still correct); the tests also use an 8-expert variant.
 
-Expert parallelism (``experts_parallel``, called by ``Experts`` when ``shard`` gave it a mesh):
+Expert parallelism (``kernels.experts.experts_parallel``, run by ``Experts`` once ``shard`` gave it a mesh):
 tokens are sharded over ``data`` only, so every device of an ``(expert, tensor)`` group already
 holds the same tokens: that is the all-gather of tokens, for free. Each device applies its own
 experts (its slice of hidden units) to the tokens routed to them, with the single-device code
@@ -120,7 +120,10 @@ from jax.sharding import PartitionSpec as P
 from oss_jax.cache import KVCache
 from oss_jax.checkpoint import LazyTensor, normalize_index
 from oss_jax.config import PRESETS, SLIDING, Config
-from oss_jax.model import NAIVE_MAX, Experts, GptOss
+from oss_jax.kernels import experts as expert_kernels
+from oss_jax.kernels.attention import NAIVE_MAX
+from oss_jax.model import GptOss
+from oss_jax.moe import Experts
 
 AXES = ("data", "expert", "tensor")
 # (data, expert, tensor) per device count: experts first (no communication but the MoE psum),
@@ -200,10 +203,7 @@ class Layout:
 def expert_split(num_experts: int, hidden: int, packed: bool, mesh: Mesh | MeshShape) -> tuple[bool, bool]:
     """(experts over ``expert``, hidden units over ``tensor``): each only where it divides."""
     _, e, t = _sizes(mesh)
-    by_expert = e > 1 and num_experts % e == 0
-    units = hidden // 32 if packed else hidden  # MXFP4 ``down`` splits whole 32-value blocks
-    by_hidden = t > 1 and units % t == 0
-    return by_expert, by_hidden
+    return expert_kernels.split(num_experts, hidden, packed, e, t)
 
 
 def layout(cfg: Config, mesh: Mesh | MeshShape | int, packed: bool) -> Layout:
@@ -221,16 +221,12 @@ def layout(cfg: Config, mesh: Mesh | MeshShape | int, packed: bool) -> Layout:
 def param_spec(path: tuple, lay: Layout) -> P:
     """The ``PartitionSpec`` of the parameter at ``path`` (as ``nnx.iter_graph`` names it)."""
     name = path[-1]
+    if name in expert_kernels.PARAM_AXES:  # the experts' rules live with the expert-parallel kernel
+        return expert_kernels.param_spec(name, lay.experts, lay.hidden)
     T = "tensor" if lay.heads else None
-    X = "expert" if lay.experts else None
-    F = "tensor" if lay.hidden else None
     rules = {
         "wq_DNH": (None, T, None), "bq_NH": (T, None), "wk_DKH": (None, T, None), "bk_KH": (T, None),
         "wv_DKH": (None, T, None), "bv_KH": (T, None), "wo_NHD": (T, None, None), "sinks_N": (T,),
-        "gate_up_EDF2": (X, None, F), "down_EFD": (X, F, None),
-        "gate_up_bias_EF2": (X, F), "down_bias_ED": (X, None),
-        "gate_up_blocks": (X, F, None, None), "gate_up_scales": (X, F, None),
-        "down_blocks": (X, None, F, None), "down_scales": (X, None, F),
     }
     if name in ("embed_VD", "unembed_VD"):
         spec: list = [None, None]
@@ -337,49 +333,6 @@ def place(tensor: np.ndarray | LazyTensor, target: NamedSharding, dtype) -> jax.
     return jax.make_array_from_callback(tuple(tensor.shape), target, slice_for)
 
 
-# -- expert parallelism ----------------------------------------------------------------------------
-def experts_parallel(experts: Experts, x_ND: jax.Array, idx_Nk: jax.Array, gates_Nk: jax.Array) -> jax.Array:
-    """``Experts.__call__`` on ``experts.mesh``: each device mixes its own experts, one psum combines.
-
-    Args:
-      experts: an ``Experts`` whose parameters are laid out by ``param_spec`` on ``experts.mesh``.
-      x_ND: tokens ``[N, D]``; idx_Nk: chosen experts ``[N, k]`` (global ids); gates_Nk: ``[N, k]``.
-
-    Returns ``[N, D]`` in ``x_ND``'s dtype, equal to the single-device result. See the module
-    docstring for the design and its communication cost.
-    """
-    mesh = experts.mesh
-    E, F2 = experts.gate_up_bias_EF2.shape
-    by_expert, by_hidden = expert_split(E, F2 // 2, experts.packed, mesh)
-    lay = Layout(*_sizes(mesh), heads=False, experts=by_expert, hidden=by_hidden, table=None)
-    graphdef, state = nnx.split(experts)
-    state_specs = jax.tree_util.tree_map_with_path(lambda kp, _: param_spec((kp[0].key,), lay), state)
-    tokens = batch_spec(x_ND.shape[0], 2, mesh)
-
-    def local(state, x_ND, idx_Nk, gates_Nk):
-        mine = nnx.merge(graphdef, state)  # this device's experts / hidden units
-        if by_expert:
-            E_local = mine.gate_up_bias_EF2.shape[0]
-            idx_Nk = idx_Nk - jax.lax.axis_index("expert") * E_local
-            here = (idx_Nk >= 0) & (idx_Nk < E_local)
-            # Other devices' experts get gate 0; index -1 matches no expert in "scan" and reads
-            # a local expert (weighted by 0) in "gather".
-            gates_Nk = jnp.where(here, gates_Nk, 0.0)
-            idx_Nk = jnp.where(here, idx_Nk, -1)
-        if by_hidden:  # partial sums over hidden units: the output bias is added by one device
-            first = jax.lax.axis_index("tensor") == 0
-            mine.down_bias_ED.set_value(jnp.where(first, mine.down_bias_ED[...], 0))
-        out_ND = mine.mix(x_ND, idx_Nk, gates_Nk)  # float32
-        axes = ("expert",) * by_expert + ("tensor",) * by_hidden
-        return jax.lax.psum(out_ND, axes) if axes else out_ND
-
-    # check_vma=False: the single-device code (a scan whose zero carry starts out replicated)
-    # runs unchanged inside; the psum above makes the outputs replicated, as out_specs says.
-    out = jax.shard_map(local, mesh=mesh, in_specs=(state_specs, tokens, tokens, tokens),
-                        out_specs=tokens, check_vma=False)(state, x_ND, idx_Nk, gates_Nk)
-    return out.astype(x_ND.dtype)
-
-
 # -- multi-host ------------------------------------------------------------------------------------
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, **kwargs) -> None:
@@ -484,6 +437,9 @@ def plan(cfg: Config | str, mesh: Mesh | MeshShape | int = 1, context: int = 819
         cfg = PRESETS[cfg]
     if experts not in ("packed", "dense"):
         raise ValueError(f"experts must be 'packed' or 'dense', got {experts!r}")
+    for what, value in (("context", context), ("batch", batch), ("chunk", chunk)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
     packed = experts == "packed"
     dtype = jnp.dtype(dtype)
     lay = layout(cfg, mesh, packed)

@@ -33,8 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from oss_jax import boundary
 from oss_jax.cache import KVCache
+from oss_jax.checks import int_arg, int_array, show
 from oss_jax.config import SLIDING
+from oss_jax.generate import padded_chunks
 from oss_jax.model import NAIVE_MAX, GptOss, Recording
 
 __all__ = ["NAIVE_MAX", "Trace", "trace", "trace_chunks"]
@@ -162,8 +165,7 @@ def _build(model: GptOss, records: dict, entropy, predicted, tokens_BT, position
 
     residual = records.get("residual")
     window = recording.attention_window
-    if model.token_map is not None:  # token ids in a Trace are o200k ids, whatever the model's vocabulary
-        tokens_BT, predicted = model.token_map.to_o200k(tokens_BT), model.token_map.to_o200k(predicted)
+    tokens_BT, predicted = boundary.to_user(model, tokens_BT), boundary.to_user(model, predicted)  # user ids
     return Trace(
         tokens=cut(tokens_BT, 1), positions=cut(positions_BT, 1),
         router_logits=cut(_per_layer(records, L, "mlp", "router_logits"), 2),
@@ -177,12 +179,29 @@ def _build(model: GptOss, records: dict, entropy, predicted, tokens_BT, position
         sliding=np.array([t == SLIDING for t in cfg.layer_types]), num_experts=cfg.num_experts)
 
 
-def _recording(router: bool, sinks: bool, residual: bool, attention_window) -> Recording:
+def _recording(router: bool, sinks: bool, residual: bool, attention_window, keys: tuple[int, int],
+               tokens: int) -> Recording:
+    """The ``Recording``, its ``attention_window`` checked and clipped to ``keys``: the range of positions
+    traced, ``(first, last + 1)``. Clipped, it may span at most ``tokens`` (the tokens per row)."""
     if attention_window is not None:
-        start, stop = (int(a) for a in attention_window)
-        if not 0 <= start < stop:
+        try:
+            start, stop = attention_window
+        except (TypeError, ValueError):
+            raise ValueError(f"attention_window must be a pair (start, stop) of key positions, "
+                             f"got {show(attention_window)}") from None
+        start, stop = int_arg("attention_window start", start, 0), int_arg("attention_window stop", stop, 0)
+        if not start < stop:
             raise ValueError(f"attention_window must be (start, stop) key positions with 0 <= start < stop, "
                              f"got {attention_window}")
+        first, end = keys
+        if start >= end:
+            raise ValueError(f"attention_window {attention_window} starts past the last traced position {end - 1}")
+        if stop <= first:
+            raise ValueError(f"attention_window {attention_window} ends before the first traced position {first}")
+        start, stop = max(start, first), min(stop, end)  # no key exists outside: keep the record that small
+        if stop - start > tokens:
+            raise ValueError(f"attention_window {attention_window} spans {stop - start} traced positions, more than "
+                             f"the {tokens} tokens per row (positions with gaps): narrow it")
         attention_window = (start, stop)
     return Recording(router=router, sinks=sinks, residual=residual, attention_window=attention_window)
 
@@ -198,22 +217,32 @@ def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: 
       router, sinks, residual: what to record (see :class:`Trace`); off saves memory and time.
       attention_window: ``(start, stop)``: also record attention probabilities on the keys at
         positions ``start .. stop - 1`` (``Trace.attention [L, T, N, stop - start]``). Available
-        on the naive attention path only, i.e. for ``T * T <= NAIVE_MAX`` (T up to 1024).
+        on the naive attention path only, i.e. for ``T * T <= NAIVE_MAX`` (T up to 1024). The
+        window is clipped to the positions traced (no key exists outside them; ``Trace.attention_keys``
+        says which positions were recorded), so it is at most ``T`` wide for the default positions;
+        a window outside them, or still wider than ``T`` once clipped (gapped positions), is refused.
 
     Returns:
       A :class:`Trace` of numpy arrays.
 
-    Each distinct (shape, recording options) compiles once; later calls reuse it.
+    Tokens and positions get the checks of ``model()`` (``oss_jax.boundary``): a bad input raises
+    one ``ValueError``/``TypeError``. Each distinct (shape, recording options) compiles once; later
+    calls reuse it.
     """
-    tokens = np.asarray(tokens)
-    squeeze = tokens.ndim == 1
-    tokens_BT = model._check_tokens(model.model_ids(tokens[None] if squeeze else tokens))
-    B, T = tokens_BT.shape
+    given = int_array(tokens, "tokens")
+    if given.ndim not in (1, 2):
+        raise ValueError(f"tokens must be [T] or [batch, time], got shape {tuple(given.shape)}")
+    squeeze = given.ndim == 1
+    tokens_BT = jnp.asarray(boundary.model_tokens(model, given[None] if squeeze else given), jnp.int32)
     if positions is None:
-        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions_BT = boundary.positions(model, None, tokens_BT.shape)
     else:
-        positions_BT = jnp.asarray(np.asarray(positions).reshape(B, T), jnp.int32)
-    recording = _recording(router, sinks, residual, attention_window)
+        positions_BT = boundary.positions(model, positions, given.shape).reshape(tokens_BT.shape)
+    pos = np.asarray(positions_BT)
+    if not (pos >= 0).any():
+        raise ValueError("positions are all -1 (padding): there is no token to trace")
+    keys = (int(pos[pos >= 0].min()), int(pos.max()) + 1)
+    recording = _recording(router, sinks, residual, attention_window, keys, tokens=pos.shape[1])
     graphdef, state = _split_for_recording(model, recording)
     records, entropy, predicted, _ = _traced_apply(graphdef, state, tokens_BT, positions_BT, None)
     return _build(model, records, entropy, predicted, tokens_BT, positions_BT, recording, squeeze)
@@ -228,25 +257,26 @@ def trace_chunks(model: GptOss, tokens, *, chunk: int = 256, router: bool = True
     equal those of :func:`trace` on the whole sequence. Each yielded Trace covers ``chunk`` tokens
     (the last one fewer) with absolute ``positions``. Memory: the KV cache of T tokens plus one
     chunk's records. ``residual`` is off by default (``(L + 1) x chunk x D`` floats per chunk).
-    ``attention_window`` needs ``chunk * cache length <= NAIVE_MAX`` on full-attention layers.
+    ``attention_window`` needs ``chunk * cache length <= NAIVE_MAX`` on full-attention layers; its
+    ``stop`` is clipped to ``T``. The arguments are checked when this is called, not at the first chunk.
     """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"trace_chunks takes one sequence [T], got shape {tokens.shape}")
-    tokens_BT = model._check_tokens(model.model_ids(tokens[None]))
+    given = int_array(tokens, "tokens")
+    if given.ndim != 1:
+        raise ValueError(f"trace_chunks takes one sequence [T], got shape {tuple(given.shape)}")
+    tokens_BT = jnp.asarray(boundary.model_tokens(model, given[None]), jnp.int32)
+    chunk = int_arg("chunk", chunk, 1)
     T = tokens_BT.shape[1]
-    if chunk < 1:
-        raise ValueError(f"chunk must be positive, got {chunk}")
-    recording = _recording(router, sinks, residual, attention_window)
+    recording = _recording(router, sinks, residual, attention_window, (0, T), tokens=T)
+    return _chunks(model, tokens_BT, chunk, recording, cache_dtype)
+
+
+def _chunks(model: GptOss, tokens_BT: jax.Array, chunk: int, recording: Recording, cache_dtype) -> Iterator[Trace]:
+    """``trace_chunks``'s loop, on checked arguments."""
+    T = tokens_BT.shape[1]
     graphdef, state = _split_for_recording(model, recording)
     C = min(chunk, T)
     cache = KVCache.create(model.config, 1, T, cache_dtype or model.embed_VD[...].dtype)
-    for start in range(0, T, C):
-        piece = tokens_BT[:, start:start + C]
-        n = piece.shape[1]
-        pos = jnp.arange(start, start + C, dtype=jnp.int32)[None]
-        if n < C:  # one compiled shape: pad the last chunk with position -1 (never attended to)
-            piece = jnp.pad(piece, ((0, 0), (0, C - n)))
-            pos = jnp.where(jnp.arange(C) < n, pos, -1)
+    positions_BT = jnp.arange(T, dtype=jnp.int32)[None]
+    for piece, pos, n in padded_chunks(tokens_BT, positions_BT, C):  # as generate's prefill: one compiled shape
         records, entropy, predicted, cache = _traced_apply(graphdef, state, piece, pos, cache)
         yield _build(model, records, entropy, predicted, piece, pos, recording, squeeze=True, keep=slice(0, n))

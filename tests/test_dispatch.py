@@ -17,9 +17,10 @@ import pytest
 from flax import nnx
 
 import oss_jax
-from oss_jax import model as model_lib
 from oss_jax.config import Config
-from oss_jax.model import Experts, GptOss
+from oss_jax.kernels import experts as expert_kernels
+from oss_jax.model import GptOss
+from oss_jax.moe import Experts
 
 MODES = ("gather", "scan", "dense", "sorted", "auto")
 E, K = 7, 3  # experts, experts per token
@@ -231,12 +232,12 @@ def test_large_experts_are_read_in_slices(packed, monkeypatch):
         return out, g_x, jax.tree.leaves(g_params)
 
     whole = {mode: run(mode) for mode in ("gather", "sorted")}
-    monkeypatch.setattr(model_lib, "SLICE_BYTES", 2048)
+    monkeypatch.setattr(expert_kernels, "SLICE_BYTES", 2048)
     w1, w2 = ((ex.gate_up_blocks, ex.down_blocks) if packed else (ex.gate_up_EDF2, ex.down_EFD))
     for w in (w1, w2):  # both matrices really are cut into several slices
         shape = w[...].shape
         rows, row_bytes = (shape[1], shape[2] * shape[3] * 4) if packed else (shape[1], shape[2] * 4)
-        assert model_lib._slice_rows(rows, row_bytes) < rows
+        assert expert_kernels._slice_rows(rows, row_bytes) < rows
     for mode in ("gather", "sorted"):
         out, g_x, g_w = run(mode)
         out0, g_x0, g_w0 = whole[mode]

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import reference as R
 import torch
+from flax import nnx
 
 import oss_jax
 from oss_jax.cache import KVCache
 from oss_jax.generate import PAD, generate, left_pad
+from oss_jax.model import compiled_apply
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +89,29 @@ def test_cached_decode_equals_recomputation(model):
     cache = KVCache.create(cfg, 2, 60, dtype=np.float32)
     full = np.asarray(model(seq))
     pos = np.broadcast_to(np.arange(60, dtype=np.int32), (2, 60))
-    logits, cache = model.forward(seq[:, :8], pos[:, :8], cache)  # prefill 8
+    graphdef, state = nnx.split(model)
+    logits, cache = compiled_apply(graphdef, state, seq[:, :8], pos[:, :8], cache)  # prefill 8
     assert R.rel_err(np.asarray(logits), full[:, :8]) < 1e-5
     for t in range(8, 60):
-        logits, cache = model.forward(seq[:, t:t + 1], pos[:, t:t + 1], cache)
+        logits, cache = compiled_apply(graphdef, state, seq[:, t:t + 1], pos[:, t:t + 1], cache)
         assert R.rel_err(np.asarray(logits[:, 0]), full[:, t]) < 1e-5, t
     ring = cache.layers[0]
     assert ring.ring and ring.k.shape[1] == cfg.sliding_window
     assert sorted(np.asarray(ring.pos[0]).tolist()) == list(range(60 - 16, 60))
     assert not cache.layers[1].ring and cache.layers[1].k.shape[1] == 60
     assert "ring" in repr(cache) and "16/16" in repr(cache)
+
+
+def test_forward_is_a_deprecated_alias_of_compiled_apply(model):
+    """``model.forward`` (kept one release for notebooks and scripts) warns and is ``compiled_apply``;
+    ``model()`` is the same program after its checks."""
+    seq = np.arange(1, 9, dtype=np.int32)[None]
+    pos = np.arange(8, dtype=np.int32)[None]
+    with pytest.warns(DeprecationWarning, match="GptOss.forward is deprecated: use model"):
+        old, _ = model.forward(seq, pos)
+    new, _ = compiled_apply(*nnx.split(model), seq, pos)
+    np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+    np.testing.assert_array_equal(np.asarray(model(seq)), np.asarray(new))
 
 
 def test_stop_tokens_pad_the_rest(model, prompts):

@@ -22,9 +22,9 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding, apply_rotary_pos_emb
 
 from oss_jax import mxfp4, rope
-from oss_jax.attention import naive as attention
+from oss_jax.attention import Attention, attention
 from oss_jax.config import Config
-from oss_jax.model import Attention, Experts, MoE, swiglu
+from oss_jax.moe import Experts, MoE, swiglu
 
 TOL = 2e-6  # rel_err bound for fp32 module parity; measured values are 1e-7 .. 4e-7
 D, N, K, H = R.TINY["hidden_size"], R.TINY["num_attention_heads"], R.TINY["num_key_value_heads"], \
@@ -217,8 +217,9 @@ def layer_inputs(hf):
     return seen
 
 
+@pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("layer", [0, 1], ids=["sliding", "full"])
-def test_attention_layer_matches_transformers(hf, cfg, layer):
+def test_attention_layer_matches_transformers(hf, cfg, layer, impl):
     """Same hidden states into GptOssAttention (with its rotary embedding and masks) and ours."""
     a = hf.model.layers[layer].self_attn
     assert (a.sliding_window, cfg.window(layer)) == ((16, 16) if layer == 0 else (None, None))
@@ -233,6 +234,7 @@ def test_attention_layer_matches_transformers(hf, cfg, layer):
     with torch.no_grad():
         ref, _ = a(hidden_states=x, position_embeddings=hf.model.rotary_emb(x, pos), attention_mask=mask)
     ours = our_attention(cfg, layer, a)
+    ours.impl = impl
     out = run_attention_layer(ours, x.numpy(), pos.numpy())
     assert out.shape == (2, T, D) and out.dtype == np.float32
     assert R.rel_err(out, t2n(ref)) < TOL
@@ -402,12 +404,20 @@ def expert_case(hf):
     return x, idx.numpy(), scores.numpy(), mlp.experts
 
 
+def set_dispatch(ours: Experts, dispatch: str) -> None:
+    """A fast dispatch, or ``"reference"``: ``impl="reference"`` (the mixture of ``Experts.reference``)."""
+    if dispatch == "reference":
+        ours.impl = "reference"
+    else:
+        ours.dispatch = dispatch
+
+
 def _clamped_fraction(x, idx, w1, b1):
     h = np.einsum("nd,nkdf->nkf", x.astype(np.float64), w1[idx]) + b1[idx]
     return (h[..., 0::2] > 7).mean(), (np.abs(h[..., 1::2]) > 7).mean()
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "scan", "dense", "sorted"])
+@pytest.mark.parametrize("dispatch", ["gather", "scan", "dense", "sorted", "reference"])
 def test_dense_experts_match_transformers(cfg, expert_case, dispatch):
     x, idx, gates, ex = expert_case
     w1, b1 = t2n(ex.gate_up_proj), t2n(ex.gate_up_proj_bias)
@@ -418,13 +428,13 @@ def test_dense_experts_match_transformers(cfg, expert_case, dispatch):
     ours = Experts(cfg, packed=False, dtype=jnp.float32)
     set_params(ours, gate_up_EDF2=w1, down_EFD=t2n(ex.down_proj), gate_up_bias_EF2=b1,
                down_bias_ED=t2n(ex.down_proj_bias))
-    ours.dispatch = dispatch
+    set_dispatch(ours, dispatch)
     out = np.asarray(call(ours, jnp.asarray(x), jnp.asarray(idx), jnp.asarray(gates)))
     assert out.shape == x.shape and out.dtype == np.float32
     assert R.rel_err(out, ref) < TOL
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "scan", "dense", "sorted"])
+@pytest.mark.parametrize("dispatch", ["gather", "scan", "dense", "sorted", "reference"])
 def test_packed_experts_match_transformers(cfg, expert_case, dispatch):
     """MXFP4 bytes in ours; transformers gets the same bytes dequantized by its own converter."""
     x, idx, gates, ex = expert_case
@@ -454,6 +464,6 @@ def test_packed_experts_match_transformers(cfg, expert_case, dispatch):
     ours.down_blocks[...] = jnp.asarray(enc["down"][0])
     ours.down_scales[...] = jnp.asarray(enc["down"][1])
     set_params(ours, gate_up_bias_EF2=b1, down_bias_ED=b2)
-    ours.dispatch = dispatch
+    set_dispatch(ours, dispatch)
     out = np.asarray(call(ours, jnp.asarray(x), jnp.asarray(idx), jnp.asarray(gates)))
     assert R.rel_err(out, ref) < TOL

@@ -23,7 +23,7 @@ import torch
 from flax import nnx
 
 import oss_jax
-import oss_jax.model
+import oss_jax.kernels.attention
 from oss_jax import metrics as M
 from oss_jax.routing import RoutingStats, SinkStats
 from oss_jax.trace import Trace, trace, trace_chunks
@@ -139,7 +139,7 @@ def test_chunked_trace_equals_one_pass(model, tokens, traced):
 
 def test_blockwise_path_sink_mass(model, tokens, traced, monkeypatch):
     """Inputs past NAIVE_MAX take the blockwise path: sink mass from ``1 - mass on the keys``."""
-    monkeypatch.setattr(oss_jax.model, "NAIVE_MAX", 64)  # 70 x 70 > 64: blockwise from here on
+    monkeypatch.setattr(oss_jax.kernels.attention, "NAIVE_MAX", 64)  # 70 x 70 > 64: blockwise from here on
     long = trace(model, tokens[1], residual=False, router=False)  # a graph not compiled before
     np.testing.assert_allclose(long.sink_mass, traced.sink_mass[:, 1], atol=1e-5)
     assert long.router_logits is None and long.residual is None and long.attention is None

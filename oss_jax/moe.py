@@ -1,0 +1,144 @@
+"""The mixture of experts of gpt-oss (SPEC.md §2).
+
+A router scores the E experts for each token (``x @ Wr.T + br``), keeps the k best and takes a
+softmax over those k only: the gates. Each expert is a feed-forward network with a clamped SwiGLU
+whose gate and linear halves are interleaved. The layer's output is ``sum_k gate_k * expert_k(x)``.
+
+Read top to bottom: :func:`swiglu`, :class:`Experts` (the weights, and :meth:`Experts.reference`:
+the mixture as plain math), :class:`MoE` (the router, then the experts).
+
+By default (``impl="fast"``) ``Experts`` computes the same mixture with ``oss_jax.kernels.experts``,
+which applies only the chosen experts, one at a time; ``impl="reference"`` uses ``reference``.
+
+Shape letters: the legend in ``oss_jax/model.py`` (X: the tokens of a batch, flattened).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from oss_jax import mxfp4
+from oss_jax.config import Config
+from oss_jax.kernels import experts as fast
+from oss_jax.kernels import mxfp4 as fast_mxfp4
+from oss_jax.layers import Packed, Recording, check_impl, f32, param, sow
+
+
+def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
+    """gpt-oss's clamped SwiGLU on interleaved ``[..., 2F]`` (gate = even, linear = odd) -> ``[..., F]``."""
+    gate, lin = h[..., 0::2], h[..., 1::2]
+    gate = jnp.minimum(gate, limit)
+    lin = jnp.clip(lin, -limit, limit)
+    return gate * jax.nn.sigmoid(alpha * gate) * (lin + 1)
+
+
+class Experts(nnx.Module):
+    """E feed-forward experts: ``h = x @ W1[e] + b1[e]``, ``y = swiglu(h) @ W2[e] + b2[e]``.
+
+    Weights are dense parameters, or MXFP4 packed bytes (the default for MXFP4 checkpoints), which
+    stay 4.25 bits per value in memory and are decoded when used.
+
+    Static attributes:
+      impl: ``"fast"`` (default): ``kernels.experts``; ``"reference"``: :meth:`reference`.
+      dispatch: which fast loop: ``"auto"``, ``"gather"``, ``"sorted"`` or ``"scan"`` (see
+        ``kernels.experts``), or ``"dense"``: :meth:`reference` (every expert on every token).
+      mesh: set by ``oss_jax.sharding.shard``: the mixture then runs expert-parallel.
+    """
+
+    def __init__(self, cfg: Config, *, packed: bool, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.packed = packed
+        if packed:
+            # HF layout [E, out, in/32, 16]: rows are outputs, blocks run along the input.
+            self.gate_up_blocks = Packed(jnp.zeros((E, 2 * F, D // 32, 16), jnp.uint8))
+            self.gate_up_scales = Packed(jnp.full((E, 2 * F, D // 32), 127, jnp.uint8))
+            self.down_blocks = Packed(jnp.zeros((E, D, F // 32, 16), jnp.uint8))
+            self.down_scales = Packed(jnp.full((E, D, F // 32), 127, jnp.uint8))
+        else:
+            self.gate_up_EDF2 = param((E, D, 2 * F), dtype, rngs)
+            self.down_EFD = param((E, F, D), dtype, rngs)
+        self.gate_up_bias_EF2 = param((E, 2 * F), dtype, rngs)
+        self.down_bias_ED = param((E, D), dtype, rngs)
+        self.dtype = dtype
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+        self.impl = "fast"
+        self.dispatch = "auto"
+        self.mesh: jax.sharding.Mesh | None = None
+
+    def weights(self, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Expert weights for integer indices ``idx [...]``: ``w1 [..., D, 2F]``, ``w2 [..., F, D]``.
+
+        Only the indexed experts are read (and, when packed, decoded: by ``mxfp4.decode`` under
+        ``impl="reference"``, else by ``kernels.mxfp4.decode``, which gives the same bits).
+        """
+        if self.packed:
+            decode = mxfp4.decode if check_impl(self.impl) == "reference" else fast_mxfp4.decode
+            w1 = decode(self.gate_up_blocks[...][idx], self.gate_up_scales[...][idx], self.dtype)
+            w2 = decode(self.down_blocks[...][idx], self.down_scales[...][idx], self.dtype)
+            return jnp.swapaxes(w1, -1, -2), jnp.swapaxes(w2, -1, -2)
+        return self.gate_up_EDF2[...][idx], self.down_EFD[...][idx]
+
+    def reference(self, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Array) -> jax.Array:
+        """``sum_k gates[x, k] * expert_{idx[x, k]}(x)`` -> ``[X, D]`` float32, as plain math: every
+        expert on every token, then each token keeps the experts it chose, weighted by their gates.
+        An index outside ``[0, E)`` (another device's expert) contributes nothing."""
+        E = self.gate_up_bias_EF2.shape[0]
+        w1_EDF2, w2_EFD = self.weights(jnp.arange(E))
+        h_XEF2 = jnp.einsum("xd,edf->xef", x_XD, w1_EDF2) + self.gate_up_bias_EF2[...]
+        y_XED = jnp.einsum("xef,efd->xed", swiglu(h_XEF2, self.limit, self.alpha), w2_EFD) + self.down_bias_ED[...]
+        gates_XE = jnp.einsum("xk,xke->xe", gates_Xk, jax.nn.one_hot(idx_Xk, E, dtype=f32))  # 0: not chosen
+        return jnp.einsum("xed,xe->xd", y_XED.astype(f32), gates_XE)
+
+    def __call__(self, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Array) -> jax.Array:
+        """Mix the chosen experts of tokens ``x [X, D]``: ``[X, D]`` in ``x``'s dtype."""
+        if self.mesh is not None:
+            return fast.experts_parallel(self, x_XD, idx_Xk, gates_Xk)
+        return self.mix(x_XD, idx_Xk, gates_Xk).astype(x_XD.dtype)
+
+    def mix(self, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Array) -> jax.Array:
+        """``__call__`` on this module's own experts, in float32 (expert-parallel devices sum these)."""
+        if check_impl(self.impl) == "reference" or self.dispatch == "dense":
+            return self.reference(x_XD, idx_Xk, gates_Xk)
+        return fast.mix(self.ffn, self.gate_up_bias_EF2.shape[0], x_XD, idx_Xk, gates_Xk, self.dispatch)
+
+    def ffn(self, e: jax.Array, x_RD: jax.Array) -> jax.Array:
+        """Expert ``e`` (a traced scalar) on rows ``x [R, D]`` -> ``[R, D]`` float32: the step of the
+        fast loops, reading (and decoding) only expert ``e``."""
+        if self.packed:
+            w1 = self.gate_up_blocks[...], self.gate_up_scales[...]
+            w2 = self.down_blocks[...], self.down_scales[...]
+        else:
+            w1, w2 = self.gate_up_EDF2[...], self.down_EFD[...]
+        h = fast.expert_matmul(x_RD, w1, e, self.dtype) + fast.row(self.gate_up_bias_EF2[...], e)
+        y = fast.expert_matmul(swiglu(h, self.limit, self.alpha), w2, e, self.dtype)
+        return (y + fast.row(self.down_bias_ED[...], e)).astype(f32)
+
+
+class MoE(nnx.Module):
+    """Router + experts. Top-k of the router logits first, then a softmax over those k only."""
+
+    def __init__(self, cfg: Config, *, packed: bool, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        self.router_ED = param((cfg.num_experts, cfg.hidden_size), dtype, rngs)
+        self.router_bias_E = param((cfg.num_experts,), dtype, rngs)
+        self.experts = Experts(cfg, packed=packed, dtype=dtype, rngs=rngs)
+        self.k = cfg.experts_per_token
+        self.recording: Recording | None = None  # static: see layers.Recording
+
+    def route(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Router logits ``[B, T, E]`` (float32), chosen experts ``[B, T, k]`` (best first), gates ``[B, T, k]``."""
+        logits = jnp.einsum("btd,ed->bte", x_BTD.astype(f32), self.router_ED[...].astype(f32))
+        logits = logits + self.router_bias_E[...].astype(f32)
+        top, idx = jax.lax.top_k(logits, self.k)
+        return logits, idx, jax.nn.softmax(top, axis=-1)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        B, T, D = x_BTD.shape
+        logits, idx, gates = self.route(x_BTD)
+        if self.recording is not None and self.recording.router:
+            sow(self, "router_logits", logits)
+            sow(self, "expert_ids", idx)
+            sow(self, "gates", gates)
+        y = self.experts(x_BTD.reshape(B * T, D), idx.reshape(B * T, -1), gates.reshape(B * T, -1))
+        return y.reshape(B, T, D)
