@@ -12,16 +12,22 @@ nothing. Here, and only here, user input is checked (``oss_jax.checks``: one ``V
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from oss_jax import checks, harmony
+from oss_jax.config import Config
+from oss_jax.vocab import TokenMap
 
-if TYPE_CHECKING:
-    from oss_jax.model import GptOss
+
+class GptOss(Protocol):
+    """What the boundary reads of a model (``oss_jax.model.GptOss``, which imports this module)."""
+
+    config: Config
+    token_map: TokenMap | None
 
 
 def vocab_size(model: GptOss) -> int:

@@ -1,10 +1,12 @@
-"""Reading gpt-oss checkpoints tensor by tensor: safetensors files, HF and OpenAI layouts.
+"""Reading gpt-oss checkpoints tensor by tensor: safetensors bytes and checkpoint directories.
 
 A checkpoint directory holds ``config.json`` and either one ``*.safetensors`` file or shards
 listed in ``model.safetensors.index.json``. Tensor names follow one of two layouts (SPEC.md §4):
-Hugging Face (``model.layers.N...``) or OpenAI's ``original/`` (``block.N...``). Everything is
+Hugging Face (``model.layers.N...``) or OpenAI's ``original/`` (``block.N...``); which tensors a
+checkpoint holds and which parameter each becomes is the table in ``params_map.py``. Everything is
 checked against the config from the file headers alone, before any weight is read, and every
-problem is a ``CheckpointError`` whose one-line message names the file or tensor.
+problem is a ``CheckpointError`` whose one-line message names the file or tensor. Writing:
+``write_safetensors``, and ``atomic_directory`` for a directory that appears whole or not at all.
 
 Tensors are read with ``pread`` into fresh buffers (not memory-mapped), so a loader's resident
 memory is the model it builds plus the tensor in flight. Every tensor or slice read is checked
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import json
 import math
@@ -30,15 +33,18 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from oss_jax import mxfp4
 from oss_jax.config import Config
+from oss_jax.params_map import Path_, hf_shapes, openai_shapes, openai_to_hf, to_params
+
+# The name table's functions stay importable from here, as before they moved to params_map.
+from oss_jax.params_map import from_params as from_params
+from oss_jax.params_map import openai_to_hf_name as openai_to_hf_name
 
 DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
           "F32": np.dtype(np.float32), "F64": np.dtype(np.float64), "U8": np.dtype(np.uint8),
           "I8": np.dtype(np.int8), "I16": np.dtype(np.int16), "I32": np.dtype(np.int32),
           "I64": np.dtype(np.int64), "BOOL": np.dtype(np.bool_)}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-FLOAT = ("BF16", "F16", "F32")
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -310,17 +316,16 @@ class LazyTensor:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def derive(self, shape: tuple[int, ...], dtype,
+               read: Callable[[LazyTensor, tuple[slice, ...]], np.ndarray]) -> LazyTensor:
+        """A lazy tensor of ``shape`` whose rectangle ``index`` is ``read(self, index)``: a view made of slices
+        of this one (``params_map`` maps parameter slices to checkpoint slices this way)."""
+        return LazyTensor(tuple(shape), np.dtype(dtype), functools.partial(read, self))
+
     @classmethod
-    def from_file(cls, info: TensorInfo, rows: tuple[int, int] | None = None) -> LazyTensor:
-        """The tensor ``info``, or only its rows ``[start, stop)`` (a part of a fused tensor)."""
-        if rows is None:
-            return cls(info.shape, DTYPES[info.dtype], lambda index: read_region(info, index))
-        r0, r1 = rows
-
-        def read(index: tuple[slice, ...]) -> np.ndarray:
-            return read_region(info, (slice(index[0].start + r0, index[0].stop + r0), *index[1:]))
-
-        return cls((r1 - r0, *info.shape[1:]), DTYPES[info.dtype], read)
+    def from_file(cls, info: TensorInfo) -> LazyTensor:
+        """The tensor ``info``, read by rectangle (``read_region``)."""
+        return cls(info.shape, DTYPES[info.dtype], functools.partial(read_region, info))
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
@@ -545,83 +550,6 @@ def read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
-# -- layouts -------------------------------------------------------------------------------------
-def hf_shapes(cfg: Config, mxfp4_experts: bool) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """Every tensor an HF gpt-oss checkpoint holds: ``{name: (shape, allowed dtypes)}``."""
-    D, V, E, F = cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.intermediate_size
-    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    out = {"model.embed_tokens.weight": ((V, D), FLOAT), "model.norm.weight": ((D,), FLOAT),
-           "lm_head.weight": ((V, D), FLOAT)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out |= {
-            p + "input_layernorm.weight": ((D,), FLOAT),
-            p + "post_attention_layernorm.weight": ((D,), FLOAT),
-            p + "self_attn.q_proj.weight": ((N * H, D), FLOAT), p + "self_attn.q_proj.bias": ((N * H,), FLOAT),
-            p + "self_attn.k_proj.weight": ((K * H, D), FLOAT), p + "self_attn.k_proj.bias": ((K * H,), FLOAT),
-            p + "self_attn.v_proj.weight": ((K * H, D), FLOAT), p + "self_attn.v_proj.bias": ((K * H,), FLOAT),
-            p + "self_attn.o_proj.weight": ((D, N * H), FLOAT), p + "self_attn.o_proj.bias": ((D,), FLOAT),
-            p + "self_attn.sinks": ((N,), FLOAT),
-            p + "mlp.router.weight": ((E, D), FLOAT), p + "mlp.router.bias": ((E,), FLOAT),
-            p + "mlp.experts.gate_up_proj_bias": ((E, 2 * F), FLOAT),
-            p + "mlp.experts.down_proj_bias": ((E, D), FLOAT),
-        }
-        if mxfp4_experts:
-            out |= {
-                p + "mlp.experts.gate_up_proj_blocks": ((E, 2 * F, D // 32, 16), ("U8",)),
-                p + "mlp.experts.gate_up_proj_scales": ((E, 2 * F, D // 32), ("U8",)),
-                p + "mlp.experts.down_proj_blocks": ((E, D, F // 32, 16), ("U8",)),
-                p + "mlp.experts.down_proj_scales": ((E, D, F // 32), ("U8",)),
-            }
-        else:
-            out |= {p + "mlp.experts.gate_up_proj": ((E, D, 2 * F), FLOAT),
-                    p + "mlp.experts.down_proj": ((E, F, D), FLOAT)}
-    return out
-
-
-# OpenAI name -> HF name, per layer ({i}); qkv is split separately.
-_OPENAI_LAYER = {
-    "attn.norm.scale": "input_layernorm.weight", "attn.sinks": "self_attn.sinks",
-    "attn.out.weight": "self_attn.o_proj.weight", "attn.out.bias": "self_attn.o_proj.bias",
-    "mlp.norm.scale": "post_attention_layernorm.weight",
-    "mlp.gate.weight": "mlp.router.weight", "mlp.gate.bias": "mlp.router.bias",
-    "mlp.mlp1_weight.blocks": "mlp.experts.gate_up_proj_blocks",
-    "mlp.mlp1_weight.scales": "mlp.experts.gate_up_proj_scales",
-    "mlp.mlp1_bias": "mlp.experts.gate_up_proj_bias",
-    "mlp.mlp2_weight.blocks": "mlp.experts.down_proj_blocks",
-    "mlp.mlp2_weight.scales": "mlp.experts.down_proj_scales",
-    "mlp.mlp2_bias": "mlp.experts.down_proj_bias",
-}
-_OPENAI_TOP = {"embedding.weight": "model.embed_tokens.weight", "norm.scale": "model.norm.weight",
-               "unembedding.weight": "lm_head.weight"}
-
-
-def openai_to_hf_name(name: str) -> str | None:
-    """HF name of an OpenAI ``original/`` tensor (None for the fused qkv, or unknown names)."""
-    if name in _OPENAI_TOP:
-        return _OPENAI_TOP[name]
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "block" and parts[1].isdigit() and parts[2] in _OPENAI_LAYER:
-        return f"model.layers.{parts[1]}.{_OPENAI_LAYER[parts[2]]}"
-    return None
-
-
-def openai_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """Every tensor of OpenAI's ``original/`` checkpoint: ``{name: (shape, allowed dtypes)}``."""
-    hf = hf_shapes(cfg, mxfp4_experts=True)
-    back = {f"model.layers.{{i}}.{v}": k for k, v in _OPENAI_LAYER.items()}
-    out = {}
-    for k, v in _OPENAI_TOP.items():
-        out[k] = hf[v]
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    for i in range(cfg.num_hidden_layers):
-        for hf_tpl, oa in back.items():
-            out[f"block.{i}.{oa}"] = hf[hf_tpl.format(i=i)]
-        out[f"block.{i}.attn.qkv.weight"] = ((qkv, cfg.hidden_size), FLOAT)
-        out[f"block.{i}.attn.qkv.bias"] = ((qkv,), FLOAT)
-    return out
-
-
 @dataclass
 class Source:
     """A checked checkpoint directory, ready to be read tensor by tensor."""
@@ -635,40 +563,19 @@ class Source:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield ``(HF name, array)`` one tensor at a time, whatever the on-disk layout."""
-        cfg = self.config
-        for name, info in sorted(self.tensors.items(), key=lambda kv: _layer_order(kv[0])):
-            arr = read_tensor(info)
-            if self.layout == "hf":
-                yield name, arr
-                continue
-            hf = openai_to_hf_name(name)
-            if hf is not None:
-                yield hf, arr
-                continue
-            i = name.split(".")[1]
-            kind = name.rsplit(".", 1)[1]  # weight or bias
-            nq = cfg.num_attention_heads * cfg.head_dim
-            nk = cfg.num_key_value_heads * cfg.head_dim
-            q, k, v = np.split(arr, [nq, nq + nk], axis=0)
-            for proj, part in (("q", q), ("k", k), ("v", v)):
-                yield f"model.layers.{i}.self_attn.{proj}_proj.{kind}", part
+    def hf_tensors(self, lazy: bool = False) -> Iterator[tuple[str, np.ndarray | LazyTensor]]:
+        """Yield ``(HF name, tensor)`` one tensor at a time, whatever the on-disk layout.
 
-
-    def lazy_tensors(self) -> Iterator[tuple[str, LazyTensor]]:
-        """Like ``hf_tensors`` but nothing is read: ``(HF name, LazyTensor)`` (fused qkv split by rows)."""
-        cfg = self.config
-        nq = cfg.num_attention_heads * cfg.head_dim
-        nk = cfg.num_key_value_heads * cfg.head_dim
+        Tensors are read arrays, or with ``lazy`` ``LazyTensor`` s that read nothing until sliced.
+        """
         for name, info in sorted(self.tensors.items(), key=lambda kv: _layer_order(kv[0])):
-            hf = name if self.layout == "hf" else openai_to_hf_name(name)
-            if hf is not None:
-                yield hf, LazyTensor.from_file(info)
-                continue
-            i, kind = name.split(".")[1], name.rsplit(".", 1)[1]
-            for proj, rows in (("q", (0, nq)), ("k", (nq, nq + nk)), ("v", (nq + nk, nq + 2 * nk))):
-                yield f"model.layers.{i}.self_attn.{proj}_proj.{kind}", LazyTensor.from_file(info, rows)
+            x = LazyTensor.from_file(info) if lazy else read_tensor(info)
+            yield from [(name, x)] if self.layout == "hf" else openai_to_hf(self.config, name, x)
+
+    def params(self, lazy: bool = False) -> Iterator[tuple[Path_, np.ndarray | LazyTensor]]:
+        """Yield ``(parameter path, tensor in the model's layout)`` one tensor at a time (``to_params``)."""
+        for name, x in self.hf_tensors(lazy):
+            yield to_params(self.config, name, x)
 
 
 def _layer_order(name: str) -> tuple[int, str]:
@@ -751,149 +658,3 @@ def open_checkpoint(directory: str | Path) -> Source:
     if is_mx and cfg.quant_method is None:
         cfg = cfg.replace(quant_method="mxfp4")
     return Source(directory, cfg, layout, is_mx, tensors)
-
-
-# -- HF names -> model parameters -----------------------------------------------------------------
-_LAYER_PARAMS = {
-    "input_layernorm.weight": ("attn_norm", "scale"),
-    "post_attention_layernorm.weight": ("mlp_norm", "scale"),
-    "self_attn.sinks": ("attn", "sinks_N"),
-    "self_attn.o_proj.bias": ("attn", "bo_D"),
-    "mlp.router.weight": ("mlp", "router_ED"),
-    "mlp.router.bias": ("mlp", "router_bias_E"),
-    "mlp.experts.gate_up_proj_bias": ("mlp", "experts", "gate_up_bias_EF2"),
-    "mlp.experts.down_proj_bias": ("mlp", "experts", "down_bias_ED"),
-    "mlp.experts.gate_up_proj_blocks": ("mlp", "experts", "gate_up_blocks"),
-    "mlp.experts.gate_up_proj_scales": ("mlp", "experts", "gate_up_scales"),
-    "mlp.experts.down_proj_blocks": ("mlp", "experts", "down_blocks"),
-    "mlp.experts.down_proj_scales": ("mlp", "experts", "down_scales"),
-    "mlp.experts.gate_up_proj": ("mlp", "experts", "gate_up_EDF2"),
-    "mlp.experts.down_proj": ("mlp", "experts", "down_EFD"),
-}
-_TOP_PARAMS = {"model.embed_tokens.weight": ("embed_VD",), "model.norm.weight": ("norm", "scale"),
-               "lm_head.weight": ("unembed_VD",)}
-Path_ = tuple[str | int, ...]
-
-
-def to_params(cfg: Config, name: str, arr: np.ndarray) -> list[tuple[Path_, np.ndarray]]:
-    """Model parameter path(s) and array(s), in the model's layout, for one HF tensor."""
-    if name in _TOP_PARAMS:
-        return [(_TOP_PARAMS[name], arr)]
-    _, _, i, rest = name.split(".", 3)
-    layer: Path_ = ("layers", int(i))
-    N, K, H, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    if rest.startswith("self_attn.") and rest[10] in "qkv" and rest[11:18] == "_proj.w":
-        p, heads = rest[10], (N if rest[10] == "q" else K)
-        return [(layer + ("attn", f"w{p}_D{'N' if p == 'q' else 'K'}H"), arr.T.reshape(D, heads, H))]
-    if rest.startswith("self_attn.") and rest[10] in "qkv" and rest[11:18] == "_proj.b":
-        p, heads = rest[10], (N if rest[10] == "q" else K)
-        return [(layer + ("attn", f"b{p}_{'N' if p == 'q' else 'K'}H"), arr.reshape(heads, H))]
-    if rest == "self_attn.o_proj.weight":
-        return [(layer + ("attn", "wo_NHD"), arr.T.reshape(N, H, D))]
-    return [(layer + _LAYER_PARAMS[rest], arr)]
-
-
-def to_lazy_params(cfg: Config, name: str, t: LazyTensor) -> list[tuple[Path_, LazyTensor]]:
-    """``to_params`` without reading: the parameter(s) as ``LazyTensor`` s in the model's layout.
-
-    Each parameter slice maps to one rectangle of the file tensor: heads are a row range of the
-    q/k/v projections (``[heads*H, D]``) and a column range of ``o_proj`` (``[D, N*H]``).
-    """
-    if name in _TOP_PARAMS:
-        return [(_TOP_PARAMS[name], t)]
-    _, _, i, rest = name.split(".", 3)
-    layer: Path_ = ("layers", int(i))
-    N, K, H, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-
-    def heads(sl: slice) -> slice:
-        return slice(sl.start * H, sl.stop * H)
-
-    if rest.startswith("self_attn.") and rest[10] in "qkv" and rest[11:18] == "_proj.w":
-        p, n = rest[10], (N if rest[10] == "q" else K)
-
-        def read_w(ix: tuple[slice, ...]) -> np.ndarray:  # [D, n, H] <- rows of [n*H, D]
-            sd, sn, sh = ix
-            a = t[heads(sn), sd]
-            return a.reshape(sn.stop - sn.start, H, -1)[:, sh].transpose(2, 0, 1)
-
-        path = layer + ("attn", f"w{p}_D{'N' if p == 'q' else 'K'}H")
-        return [(path, LazyTensor((D, n, H), t.dtype, read_w))]
-    if rest.startswith("self_attn.") and rest[10] in "qkv" and rest[11:18] == "_proj.b":
-        p, n = rest[10], (N if rest[10] == "q" else K)
-
-        def read_b(ix: tuple[slice, ...]) -> np.ndarray:  # [n, H] <- [n*H]
-            sn, sh = ix
-            return t[heads(sn)].reshape(sn.stop - sn.start, H)[:, sh]
-
-        return [(layer + ("attn", f"b{p}_{'N' if p == 'q' else 'K'}H"), LazyTensor((n, H), t.dtype, read_b))]
-    if rest == "self_attn.o_proj.weight":
-        def read_o(ix: tuple[slice, ...]) -> np.ndarray:  # [N, H, D] <- columns of [D, N*H]
-            sn, sh, sd = ix
-            a = t[sd, heads(sn)]
-            return a.reshape(a.shape[0], sn.stop - sn.start, H)[:, :, sh].transpose(1, 2, 0)
-
-        return [(layer + ("attn", "wo_NHD"), LazyTensor((N, H, D), t.dtype, read_o))]
-    return [(layer + _LAYER_PARAMS[rest], t)]
-
-
-def lazy_dequantized(blocks: LazyTensor, scales: LazyTensor, dtype) -> LazyTensor:
-    """Dense ``[E, in, out]`` weights of ``dtype`` from MXFP4 ``[E, out, in/32, 16]`` + scales, by slice.
-
-    A slice of the input dimension reads the 32-value blocks that cover it.
-    """
-    E, n_out, nb, _ = blocks.shape
-
-    def read(ix: tuple[slice, ...]) -> np.ndarray:
-        se, si, so = ix
-        b0, b1 = si.start // 32, -(-si.stop // 32)
-        w = mxfp4.decode(blocks[se, so, b0:b1], scales[se, so, b0:b1], dtype)  # [e, out, covering in]
-        return np.swapaxes(np.asarray(w)[:, :, si.start - 32 * b0:si.stop - 32 * b0], -1, -2)
-
-    return LazyTensor((E, nb * 32, n_out), np.dtype(dtype), read)
-
-
-def dequantize_experts(params: dict[Path_, np.ndarray], layer: int, dtype) -> dict[Path_, np.ndarray]:
-    """Replace one layer's packed expert bytes by dense ``[E, in, out]`` weights of ``dtype``."""
-    out = dict(params)
-    for proj, dense in (("gate_up", "gate_up_EDF2"), ("down", "down_EFD")):
-        blocks = out.pop(("layers", layer, "mlp", "experts", f"{proj}_blocks"))
-        scales = out.pop(("layers", layer, "mlp", "experts", f"{proj}_scales"))
-        w = np.asarray(mxfp4.decode(blocks, scales, dtype))
-        out[("layers", layer, "mlp", "experts", dense)] = np.swapaxes(w, -1, -2)
-    return out
-
-
-# -- model parameters -> HF names (the writer's side) ---------------------------------------------
-def from_params(cfg: Config, params: dict[Path_, np.ndarray], *,
-                mxfp4_experts: bool) -> Iterator[tuple[str, np.ndarray]]:
-    """The HF tensors of a model's parameters: the inverse of ``to_params``, layer by layer.
-
-    ``params`` maps parameter paths to arrays in the model's layout (dense experts). With
-    ``mxfp4_experts`` the expert weights are encoded (``mxfp4.encode``) into HF's blocks/scales.
-    """
-    yield "model.embed_tokens.weight", params[("embed_VD",)]
-    N, K, H, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    for i in range(cfg.num_hidden_layers):
-        pre, layer = f"model.layers.{i}.", ("layers", i)
-        for p, heads in (("q", N), ("k", K), ("v", K)):
-            w = params[layer + ("attn", f"w{p}_D{'N' if p == 'q' else 'K'}H")]
-            b = params[layer + ("attn", f"b{p}_{'N' if p == 'q' else 'K'}H")]
-            yield f"{pre}self_attn.{p}_proj.weight", w.reshape(D, heads * H).T
-            yield f"{pre}self_attn.{p}_proj.bias", b.reshape(heads * H)
-        yield f"{pre}self_attn.o_proj.weight", params[layer + ("attn", "wo_NHD")].reshape(N * H, D).T
-        for name, path in _LAYER_PARAMS.items():
-            if path[-1] in ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales",
-                            "gate_up_EDF2", "down_EFD"):
-                continue
-            yield pre + name, params[layer + path]
-        w1, w2 = params[layer + ("mlp", "experts", "gate_up_EDF2")], params[layer + ("mlp", "experts", "down_EFD")]
-        if not mxfp4_experts:
-            yield f"{pre}mlp.experts.gate_up_proj", w1
-            yield f"{pre}mlp.experts.down_proj", w2
-            continue
-        for proj, w in (("gate_up_proj", w1), ("down_proj", w2)):
-            blocks, scales = mxfp4.encode(np.swapaxes(np.asarray(w, np.float32), -1, -2))  # [E, out, in]
-            yield f"{pre}mlp.experts.{proj}_blocks", np.asarray(blocks)
-            yield f"{pre}mlp.experts.{proj}_scales", np.asarray(scales)
-    yield "model.norm.weight", params[("norm", "scale")]
-    yield "lm_head.weight", params[("unembed_VD",)]

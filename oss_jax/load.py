@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import jax
@@ -20,16 +18,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from oss_jax import checkpoint, harmony, mxfp4, sharding
-from oss_jax.checkpoint import CheckpointError, LazyTensor, Path_
+from oss_jax import checkpoint, harmony, params_map, sharding
+from oss_jax.checkpoint import CheckpointError, LazyTensor
 from oss_jax.config import Config
 from oss_jax.model import GptOss
+from oss_jax.orbax_format import ORBAX_FORMAT as ORBAX_FORMAT  # importable from here, as before the move
+from oss_jax.orbax_format import ORBAX_MARKER, open_orbax, read_orbax
+from oss_jax.params_map import Path_
 from oss_jax.vocab import TokenMap
 
-ORBAX_MARKER = "oss_jax.json"
-ORBAX_FORMAT = "oss-jax/orbax"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_FLOATS = (np.dtype(jnp.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
 
 
 TINY_DIR = Path(__file__).parent / "tiny"  # the bundled model (oss_jax.train --ship installs it)
@@ -81,22 +79,21 @@ def load(source: str | os.PathLike, dtype: str | jnp.dtype | None = None, expert
         raise CheckpointError(f"{path}: vocab.json maps {len(token_map)} ids, the model has {_vocab_size(path)}")
     if (path / ORBAX_MARKER).exists():
         cfg, stored_packed, groups = open_orbax(path)
-        tensors: Iterable[tuple[Path_, np.ndarray]] = read_orbax(path, groups)
+        tensors: Iterable[tuple[Path_, np.ndarray | LazyTensor]] = read_orbax(path, groups)
         total = None
     else:
         src = checkpoint.open_checkpoint(path)
         cfg, stored_packed = src.config, src.mxfp4
-        if mesh is None:
-            tensors = (pa for name, arr in src.hf_tensors() for pa in checkpoint.to_params(cfg, name, arr))
-        else:  # nothing is read here: each device's slice is read when its array is made
-            tensors = (pa for name, t in src.lazy_tensors() for pa in checkpoint.to_lazy_params(cfg, name, t))
-        total = len(src)
+        # with a mesh nothing is read here: each device's slice is read when its array is made
+        tensors, total = src.params(lazy=mesh is not None), len(src)
     if experts == "packed" and not stored_packed:
         raise CheckpointError(f"{path}: experts='packed' needs MXFP4 experts, this checkpoint stores them dense")
     packed = stored_packed and experts != "dense"
     if progress:
         tensors = _progress(tensors, total, f"loading {path.name}")
-    model = build(cfg, tensors, packed=packed, stored_packed=stored_packed, dtype=dtype, mesh=mesh)
+    if stored_packed and not packed:
+        tensors = params_map.dense_experts(tensors, dtype)
+    model = build(cfg, tensors, packed=packed, dtype=dtype, mesh=mesh)
     model.token_map = token_map
     return model
 
@@ -146,7 +143,7 @@ def save(model: GptOss, dst: str | os.PathLike, *, mxfp4: bool = True, float_dty
     params = {tuple(path): np.asarray(var.get_value()) for path, var in nnx.iter_graph(model)
               if isinstance(var, nnx.Variable)}
     tensors = {name: (arr if arr.dtype == np.uint8 else arr.astype(np_dtype))
-               for name, arr in checkpoint.from_params(cfg, params, mxfp4_experts=mxfp4)}
+               for name, arr in params_map.from_params(cfg, params, mxfp4_experts=mxfp4)}
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = str(np_dtype)
     if cfg.vocab_size <= hf["eos_token_id"]:  # a small vocabulary: o200k's <|return|> is not an id of it
@@ -170,11 +167,12 @@ def save(model: GptOss, dst: str | os.PathLike, *, mxfp4: bool = True, float_dty
 
 
 def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray | LazyTensor]], *, packed: bool,
-          stored_packed: bool, dtype=jnp.bfloat16, mesh: Mesh | None = None) -> GptOss:
+          dtype=jnp.bfloat16, mesh: Mesh | None = None) -> GptOss:
     """Fill an abstract ``GptOss`` from ``(parameter path, array)`` pairs, one at a time.
 
-    Float arrays are cast to ``dtype``; packed expert bytes are kept, or decoded when
-    ``stored_packed and not packed``. Every parameter must arrive exactly once. With a ``mesh``,
+    Float arrays are cast to ``dtype``; with ``packed`` the experts are MXFP4 bytes (kept as they
+    are), else dense (``params_map.dense_experts`` decodes packed ones on the way). Every parameter
+    must arrive exactly once. With a ``mesh``,
     each parameter becomes a sharded array made slice by slice (arrays may then be
     ``LazyTensor`` s, read only where a device needs them) and the model is sharded.
     """
@@ -182,7 +180,6 @@ def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray | LazyTensor]],
     targets = sharding.shardings(model, mesh) if mesh is not None else {}
     variables = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Variable)}
     filled: set[Path_] = set()
-    pending: dict[Path_, np.ndarray] = {}  # packed halves waiting for their partner (dense mode)
 
     def put(path: Path_, arr: np.ndarray) -> None:
         var = variables.get(path)
@@ -204,28 +201,10 @@ def build(cfg: Config, tensors: Iterable[tuple[Path_, np.ndarray | LazyTensor]],
         filled.add(path)
 
     for path, arr in tensors:
-        name = path[-1]
-        if stored_packed and not packed and name in ("gate_up_blocks", "gate_up_scales",
-                                                    "down_blocks", "down_scales"):
-            proj, part = name.rsplit("_", 1)
-            other = path[:-1] + (f"{proj}_{'scales' if part == 'blocks' else 'blocks'}",)
-            if other not in pending:
-                pending[path] = arr
-                continue
-            partner = pending.pop(other)
-            blocks, scales = (arr, partner) if part == "blocks" else (partner, arr)
-            dense = "gate_up_EDF2" if proj == "gate_up" else "down_EFD"
-            if isinstance(blocks, LazyTensor):
-                put(path[:-1] + (dense,), checkpoint.lazy_dequantized(blocks, scales, dtype))
-                continue
-            w = mxfp4.decode(blocks, scales, dtype)
-            put(path[:-1] + (dense,), np.asarray(jnp.swapaxes(w, -1, -2)))
-            continue
         put(path, arr)
     missing = [p for p in variables if p not in filled]
-    if missing or pending:
-        first = missing[0] if missing else next(iter(pending))
-        raise CheckpointError(f"checkpoint has no value for parameter {'.'.join(map(str, first))}")
+    if missing:
+        raise CheckpointError(f"checkpoint has no value for parameter {'.'.join(map(str, missing[0]))}")
     return model if mesh is None else sharding.shard(model, mesh)
 
 
@@ -264,111 +243,6 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     except Exception as e:  # network, auth, missing repo: one line, no traceback
         raise CheckpointError(f"{repo_id}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return Path(snap)
-
-
-def open_orbax(path: Path) -> tuple[Config, bool, list[str]]:
-    """Read and check the marker and config of a converted checkpoint.
-
-    The marker's groups must be exactly ``embed_VD``, ``norm``, ``unembed_VD`` and one ``layers.N``
-    per layer of the config (checked before anything is built), each a directory under ``params/``.
-    """
-    marker = path / ORBAX_MARKER
-    try:
-        meta = json.loads(marker.read_text())
-    except (OSError, ValueError, RecursionError):
-        meta = None
-    meta = meta if isinstance(meta, dict) else {}
-    groups, experts = meta.get("groups"), meta.get("experts")
-    if not (meta.get("format") == ORBAX_FORMAT and experts in ("mxfp4", "dense") and isinstance(groups, list)
-            and all(isinstance(g, str) for g in groups)):
-        raise CheckpointError(f"{marker}: not an oss-jax checkpoint marker")
-    cfg = checkpoint.read_config(path)
-    checkpoint.check_layers(path, cfg, checkpoint.layer_indices(groups, "layers"), "parameter groups for")
-    expected = {"embed_VD", "norm", "unembed_VD"} | {f"layers.{i}" for i in range(cfg.num_hidden_layers)}
-    for problem, names in (("unexpected", set(groups) - expected), ("not listed", expected - set(groups)),
-                           ("listed twice", {g for g, c in Counter(groups).items() if c > 1})):
-        if names:
-            raise CheckpointError(f"{marker}: parameter group {min(names)!r} {problem}")
-    for g in groups:
-        if not (path / "params" / g).is_dir():
-            raise CheckpointError(f"{path / 'params' / g}: missing parameter group")
-    return cfg, experts == "mxfp4", groups
-
-
-def read_orbax(path: Path, groups: list[str]) -> Iterator[tuple[Path_, np.ndarray]]:
-    """Yield ``(parameter path, numpy array)`` from a converted checkpoint, one group at a time.
-
-    A group that cannot be restored (data deleted or corrupt) is one ``CheckpointError`` line naming
-    it; float arrays are checked for NaN/Inf and MXFP4 scales for 255, as when reading safetensors.
-    """
-    import orbax.checkpoint as ocp
-
-    path = Path(path).absolute()  # orbax refuses relative paths
-    _drop_abandoned_callback_errors()
-    ckpt = ocp.StandardCheckpointer()
-    try:
-        for g in groups:
-            where = path / "params" / g
-            try:
-                tree = ckpt.restore(where)
-            except Exception as e:
-                raise CheckpointError(f"{where}: unreadable orbax group (data missing or corrupt: "
-                                      f"{_first_line(e)})") from None
-            prefix: Path_ = ("layers", int(g.split(".")[1])) if g.startswith("layers.") else (g,)
-            for keys, arr in _flatten(tree):
-                arr, what = np.asarray(arr), f"{where}: array {'.'.join(map(str, keys))!r}"
-                packed = str(keys[-1]).endswith(("_blocks", "_scales"))
-                if (arr.dtype != np.uint8) if packed else (arr.dtype not in _FLOATS):
-                    raise CheckpointError(f"{what} has dtype {arr.dtype}, expected "
-                                          f"{'uint8 (MXFP4)' if packed else 'bfloat16, float16 or float32'}")
-                checkpoint.check_values(arr, what, scales=str(keys[-1]).endswith("scales"))
-                if keys == ("value",) and not prefix[0] == "layers":
-                    keys = ()
-                yield prefix + keys, arr
-            del tree
-    finally:
-        ckpt.close()
-
-
-def _first_line(e: Exception, limit: int = 200) -> str:
-    """``Type: first line`` of an exception, without tensorstore's spec dump, at most ``limit`` characters."""
-    text = str(e).strip().split("\n", 1)[0].split(" [tensorstore_spec=", 1)[0]
-    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _drop_abandoned_callback_errors() -> None:
-    """Silence tensorstore's "Event loop is closed" reports after a failed orbax restore (installed once).
-
-    When one read of a group fails, orbax closes its event loop while the group's other reads are still
-    in flight; as each finishes, tensorstore calls ``loop.call_soon_threadsafe`` on the closed loop and
-    Python prints the ``RuntimeError`` as an unraisable exception, after the real error was reported.
-    Only that error, raised from that asyncio call, is dropped; everything else reaches the previous hook.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "oss_jax_orbax", False):
-        return
-
-    def hook(unraisable) -> None:
-        exc, tb = unraisable.exc_value, unraisable.exc_traceback
-        frames = []
-        while tb is not None:
-            frames.append(tb.tb_frame.f_code.co_name)
-            tb = tb.tb_next
-        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-                and "call_soon_threadsafe" in frames):
-            previous(unraisable)
-
-    hook.oss_jax_orbax = True
-    sys.unraisablehook = hook
-
-
-def _flatten(tree: dict, prefix: Path_ = ()) -> Iterator[tuple[Path_, np.ndarray]]:
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
 
 
 def _float_dtype(dtype) -> jnp.dtype:

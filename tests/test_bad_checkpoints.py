@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from test_errors import cli, copy, one_line, rewrite
 
 import oss_jax
-from oss_jax import checkpoint, sharding
+from oss_jax import checkpoint, orbax_format, sharding
 from oss_jax.checkpoint import CheckpointError
 
 load_module = sys.modules["oss_jax.load"]  # the module (oss_jax.load is the function)
@@ -222,7 +222,7 @@ def test_bad_orbax_values_refused(mxfp4_dir, tmp_path):
     ckpt.close()
     with pytest.raises(CheckpointError, match=r"layers.1: array 'mlp.experts.down_scales' has dtype float32, "
                                               r"expected uint8 \(MXFP4\)$"):
-        list(load_module.read_orbax(out, ["layers.1"]))
+        list(orbax_format.read_orbax(out, ["layers.1"]))
 
 
 # -- config against checkpoint ---------------------------------------------------------------------
@@ -437,8 +437,8 @@ def test_closed_loop_reports_are_dropped_others_kept(monkeypatch):
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
-    load_module._drop_abandoned_callback_errors()
-    load_module._drop_abandoned_callback_errors()  # installed once
+    orbax_format._drop_abandoned_callback_errors()
+    orbax_format._drop_abandoned_callback_errors()  # installed once
     loop = asyncio.new_event_loop()
     loop.close()
     try:
