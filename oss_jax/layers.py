@@ -55,12 +55,17 @@ class Recording:
         query puts on the keys at those positions (0 where not visible). Only where the logits
         are materialised (``T * S <= kernels.attention.NAIVE_MAX``); tracing raises ``ValueError``
         otherwise.
+      expert_outputs: ``MoE`` sows, per token and chosen expert, the L2 norm ``expert_norms [B, T, k]``
+        and the largest absolute entry ``expert_max [B, T, k]`` (float32) of that expert's output
+        ``expert_e(x)`` before its gate (biases included). Costs one pass of every expert over the
+        layer's tokens (``MoE.expert_magnitudes``).
     """
 
     router: bool = True
     sinks: bool = True
     residual: bool = True
     attention_window: tuple[int, int] | None = None
+    expert_outputs: bool = False
 
 
 def sow(module: nnx.Module, name: str, value: jax.Array) -> None:

@@ -23,8 +23,8 @@ Precision policy: parameters in ``dtype`` (bf16 by default); RMSNorm, RoPE, atte
 the router and the expert mixing weights in float32; logits returned in float32.
 
 Tracing: ``GptOss``, ``Attention`` and ``MoE`` carry a static attribute ``recording`` (``None``:
-off). While it holds a :class:`Recording`, they ``sow`` router outputs, attention-sink mass,
-attention weights and the residual stream as ``nnx.Intermediate`` values (read back with
+off). While it holds a :class:`Recording`, they ``sow`` router outputs, expert output magnitudes,
+attention-sink mass, attention weights and the residual stream as ``nnx.Intermediate`` values (read back with
 ``nnx.capture``; ``oss_jax.trace`` does all of it). With ``None`` no recording code is traced.
 """
 

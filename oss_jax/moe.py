@@ -133,6 +133,22 @@ class MoE(nnx.Module):
         top, idx = jax.lax.top_k(logits, self.k)
         return logits, idx, jax.nn.softmax(top, axis=-1)
 
+    def expert_magnitudes(self, x_XD: jax.Array, idx_Xk: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``||expert_e(x)||_2`` and ``max |expert_e(x)|`` (float32 ``[X, k]``) for each token's chosen experts.
+
+        The expert outputs before the gate, biases included, as ``Experts.ffn`` computes them. One
+        expert at a time (``jax.lax.map`` over ``E``: only ``[X, D]`` of outputs live at once), each on
+        every token, then each token keeps its chosen ones. Traced only while recording asks for it.
+        """
+        E = self.router_bias_E.shape[0]
+
+        def one(e: jax.Array) -> tuple[jax.Array, jax.Array]:
+            y_XD = self.experts.ffn(e, x_XD)
+            return jnp.sqrt(jnp.sum(y_XD * y_XD, axis=-1)), jnp.max(jnp.abs(y_XD), axis=-1)
+
+        norms_EX, peaks_EX = jax.lax.map(one, jnp.arange(E))
+        return (jnp.take_along_axis(norms_EX.T, idx_Xk, axis=1), jnp.take_along_axis(peaks_EX.T, idx_Xk, axis=1))
+
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         B, T, D = x_BTD.shape
         logits, idx, gates = self.route(x_BTD)
@@ -140,5 +156,9 @@ class MoE(nnx.Module):
             sow(self, "router_logits", logits)
             sow(self, "expert_ids", idx)
             sow(self, "gates", gates)
+        if self.recording is not None and self.recording.expert_outputs:
+            norms, peaks = self.expert_magnitudes(x_BTD.reshape(B * T, D), idx.reshape(B * T, -1))
+            sow(self, "expert_norms", norms.reshape(B, T, -1))
+            sow(self, "expert_max", peaks.reshape(B, T, -1))
         y = self.experts(x_BTD.reshape(B * T, D), idx.reshape(B * T, -1), gates.reshape(B * T, -1))
         return y.reshape(B, T, D)

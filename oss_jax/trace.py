@@ -63,6 +63,10 @@ class Trace:
       predicted: int32 ``[T]``: the model's most likely next token.
       sliding: bool ``[L]``: which layers use the sliding window.
       num_experts: E.
+      expert_norms: float32 ``[L, T, k]`` or None: ``||expert_e(x)||_2`` of each chosen expert's output
+        before its gate (biases included), aligned with ``expert_ids``; recorded only when asked
+        (``expert_outputs=True``). For saliency metrics (``oss_jax.saliency``).
+      expert_max: float32 ``[L, T, k]`` or None: ``max |expert_e(x)|`` of the same outputs.
 
     A field is None when its recording was switched off.
     """
@@ -80,6 +84,8 @@ class Trace:
     predicted: np.ndarray
     sliding: np.ndarray
     num_experts: int
+    expert_norms: np.ndarray | None = None
+    expert_max: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -111,7 +117,8 @@ class Trace:
                    attention=cat("attention", time_axis + 1), attention_keys=first.attention_keys,
                    residual=cat("residual", time_axis + 1),
                    next_token_entropy=cat("next_token_entropy", time_axis), predicted=cat("predicted", time_axis),
-                   sliding=first.sliding, num_experts=first.num_experts)
+                   sliding=first.sliding, num_experts=first.num_experts,
+                   expert_norms=cat("expert_norms", time_axis + 1), expert_max=cat("expert_max", time_axis + 1))
 
 
 def _split_for_recording(model: GptOss, recording: Recording) -> tuple[nnx.GraphDef, nnx.State]:
@@ -176,11 +183,13 @@ def _build(model: GptOss, records: dict, entropy, predicted, tokens_BT, position
         attention_keys=None if window is None else np.arange(*window),
         residual=None if residual is None else cut(np.stack([np.asarray(r) for r in residual]), 2),
         next_token_entropy=cut(entropy, 1), predicted=cut(predicted, 1),
-        sliding=np.array([t == SLIDING for t in cfg.layer_types]), num_experts=cfg.num_experts)
+        sliding=np.array([t == SLIDING for t in cfg.layer_types]), num_experts=cfg.num_experts,
+        expert_norms=cut(_per_layer(records, L, "mlp", "expert_norms"), 2),
+        expert_max=cut(_per_layer(records, L, "mlp", "expert_max"), 2))
 
 
 def _recording(router: bool, sinks: bool, residual: bool, attention_window, keys: tuple[int, int],
-               tokens: int) -> Recording:
+               tokens: int, expert_outputs: bool = False) -> Recording:
     """The ``Recording``, its ``attention_window`` checked and clipped to ``keys``: the range of positions
     traced, ``(first, last + 1)``. Clipped, it may span at most ``tokens`` (the tokens per row)."""
     if attention_window is not None:
@@ -203,11 +212,13 @@ def _recording(router: bool, sinks: bool, residual: bool, attention_window, keys
             raise ValueError(f"attention_window {attention_window} spans {stop - start} traced positions, more than "
                              f"the {tokens} tokens per row (positions with gaps): narrow it")
         attention_window = (start, stop)
-    return Recording(router=router, sinks=sinks, residual=residual, attention_window=attention_window)
+    return Recording(router=router, sinks=sinks, residual=residual, attention_window=attention_window,
+                     expert_outputs=bool(expert_outputs))
 
 
 def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: bool = True,
-          residual: bool = True, attention_window: tuple[int, int] | None = None) -> Trace:
+          residual: bool = True, attention_window: tuple[int, int] | None = None,
+          expert_outputs: bool = False) -> Trace:
     """Run the model on ``tokens`` and record every layer (one pass, no KV cache).
 
     Args:
@@ -221,6 +232,8 @@ def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: 
         window is clipped to the positions traced (no key exists outside them; ``Trace.attention_keys``
         says which positions were recorded), so it is at most ``T`` wide for the default positions;
         a window outside them, or still wider than ``T`` once clipped (gapped positions), is refused.
+      expert_outputs: also record ``Trace.expert_norms`` and ``Trace.expert_max`` (each layer then
+        runs every expert on every token once more: about E/k times the experts' work).
 
     Returns:
       A :class:`Trace` of numpy arrays.
@@ -242,7 +255,8 @@ def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: 
     if not (pos >= 0).any():
         raise ValueError("positions are all -1 (padding): there is no token to trace")
     keys = (int(pos[pos >= 0].min()), int(pos.max()) + 1)
-    recording = _recording(router, sinks, residual, attention_window, keys, tokens=pos.shape[1])
+    recording = _recording(router, sinks, residual, attention_window, keys, tokens=pos.shape[1],
+                           expert_outputs=expert_outputs)
     graphdef, state = _split_for_recording(model, recording)
     records, entropy, predicted, _ = _traced_apply(graphdef, state, tokens_BT, positions_BT, None)
     return _build(model, records, entropy, predicted, tokens_BT, positions_BT, recording, squeeze)
@@ -250,7 +264,7 @@ def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: 
 
 def trace_chunks(model: GptOss, tokens, *, chunk: int = 256, router: bool = True, sinks: bool = True,
                  residual: bool = False, attention_window: tuple[int, int] | None = None,
-                 cache_dtype=None) -> Iterator[Trace]:
+                 cache_dtype=None, expert_outputs: bool = False) -> Iterator[Trace]:
     """Trace one long sequence ``[T]`` a chunk at a time through the KV cache; yields a Trace per chunk.
 
     Every chunk sees all earlier tokens (as generation's chunked prefill does), so the records
@@ -258,7 +272,8 @@ def trace_chunks(model: GptOss, tokens, *, chunk: int = 256, router: bool = True
     (the last one fewer) with absolute ``positions``. Memory: the KV cache of T tokens plus one
     chunk's records. ``residual`` is off by default (``(L + 1) x chunk x D`` floats per chunk).
     ``attention_window`` needs ``chunk * cache length <= NAIVE_MAX`` on full-attention layers; its
-    ``stop`` is clipped to ``T``. The arguments are checked when this is called, not at the first chunk.
+    ``stop`` is clipped to ``T``. ``expert_outputs``: as in :func:`trace`. The arguments are checked when this
+    is called, not at the first chunk.
     """
     given = int_array(tokens, "tokens")
     if given.ndim != 1:
@@ -266,7 +281,8 @@ def trace_chunks(model: GptOss, tokens, *, chunk: int = 256, router: bool = True
     tokens_BT = jnp.asarray(boundary.model_tokens(model, given[None]), jnp.int32)
     chunk = int_arg("chunk", chunk, 1)
     T = tokens_BT.shape[1]
-    recording = _recording(router, sinks, residual, attention_window, (0, T), tokens=T)
+    recording = _recording(router, sinks, residual, attention_window, (0, T), tokens=T,
+                           expert_outputs=expert_outputs)
     return _chunks(model, tokens_BT, chunk, recording, cache_dtype)
 
 
