@@ -226,6 +226,15 @@ def _train(args: argparse.Namespace) -> None:
         print(f"installed as oss_jax.load('tiny'): {train.ship(args.out)}")
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from oss_jax import finetune
+
+    given = {k: getattr(args, k) for k in ("steps", "batch", "rank", "alpha", "lr", "targets", "seed")}
+    fc = finetune.FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
+    finetune.finetune(args.model, args.data, args.out, fc, dtype=args.dtype, progress=not args.no_progress)
+    print(f"fine-tuned: adapters in {args.out}/adapters (load with oss_jax.lora.load_adapters)")
+
+
 def _write_eval(results, out) -> None:
     from pathlib import Path
 
@@ -248,6 +257,20 @@ def _eval(args: argparse.Namespace) -> None:
         print(json.dumps(evaluate.as_json(results)))
     else:
         print(evaluate.table(results))
+
+
+def _routes(args: argparse.Namespace) -> None:
+    import time
+
+    from oss_jax.routes import routes
+
+    start = time.perf_counter()
+    r = routes(args.model, args.prompts, args.out, effort=args.effort, chunk=args.chunk, max_tokens=args.max_tokens,
+               dtype=args.dtype, progress=not args.no_progress and sys.stderr.isatty())
+    if r.unknown_tokens:
+        print(f"oss-jax routes: {r.unknown_tokens} of {r.tokens} tokens ({r.unknown_distinct} distinct) are not in "
+              f"the model's vocabulary and were read as its unknown token", file=sys.stderr)
+    print(f"wrote {r.out / 'report.md'} ({r.prompts} prompts, {r.tokens} tokens, {time.perf_counter() - start:.1f} s)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -314,6 +337,23 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_train)
 
+    ft = sub.add_parser("finetune", help="train LoRA adapters on conversations (JSONL); the base stays frozen",
+                        description="Train LoRA adapters on one conversation per line of --data (loss on the "
+                                    "assistant's reply); an interrupted run resumes. See oss_jax/finetune.py.")
+    ft.add_argument("--model", default="tiny", help="as for generate (default: the bundled tiny model)")
+    ft.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    ft.add_argument("--data", required=True, help='JSONL: {"messages": [...], "effort": ...} per line')
+    ft.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, adapters/)")
+    ft.add_argument("--steps", type=COUNT, help="optimizer steps (default 100)")
+    ft.add_argument("--batch", type=COUNT, help="conversations per step (default 4)")
+    ft.add_argument("--rank", type=COUNT, help="LoRA rank (default 8)")
+    ft.add_argument("--alpha", type=_float_in(0.0, math.inf, lo_open=True), help="LoRA alpha (default 16)")
+    ft.add_argument("--lr", type=_float_in(0.0, 1.0, lo_open=True), help="peak learning rate (default 1e-3)")
+    ft.add_argument("--targets", help="comma-separated: attn (or q,k,v,o), experts, router (default attn)")
+    ft.add_argument("--seed", type=ID, help="adapter initialisation and data order (default 0)")
+    ft.add_argument("--no-progress", action="store_true")
+    ft.set_defaults(func=_finetune)
+
     pl = sub.add_parser("plan", help="memory per device for a model, mesh and context (no device needed)")
     pl.add_argument("--model", default="gpt-oss-20b",
                     help="gpt-oss-20b, gpt-oss-120b, or a checkpoint directory / config.json")
@@ -325,6 +365,21 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--experts", default="packed", choices=["packed", "dense"])
     pl.add_argument("--prefill-chunk", type=COUNT, default=512)
     pl.set_defaults(func=_plan)
+
+    ro = sub.add_parser("routes", help="routing report of a prompt corpus: metrics.json, figures, report.md",
+                        description="Run prompts through the model in chunks and write DIR/metrics.json, "
+                                    "DIR/figures/*.png and DIR/report.md; an interrupted run resumes.")
+    ro.add_argument("--model", default="tiny", help="as for generate (default: the bundled tiny model)")
+    ro.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    ro.add_argument("--prompts", help="plain text (one prompt a line) or .jsonl ({'domain', 'text'} or "
+                                      "{'domain', 'messages', 'effort'}); default: the shipped corpus")
+    ro.add_argument("--out", required=True, help="output directory (an earlier run of the same settings resumes)")
+    ro.add_argument("--effort", default="medium", choices=["low", "medium", "high"],
+                    help="reasoning effort of conversations that do not give one")
+    ro.add_argument("--chunk", type=COUNT, default=256, help="tokens per forward pass")
+    ro.add_argument("--max-tokens", type=COUNT, default=2048, help="cut each prompt to its first N tokens")
+    ro.add_argument("--no-progress", action="store_true")
+    ro.set_defaults(func=_routes)
 
     args = parser.parse_args(argv)
     try:

@@ -32,6 +32,10 @@ Sources:
   [Sinks]   Xiao, Tian, Chen, Han, Lewis. Efficient Streaming Language Models with Attention
             Sinks. ICLR 2024 (arXiv:2309.17453); gpt-oss learns one sink logit per head.
   [Lens]    nostalgebraist. Interpreting GPT: the logit lens. LessWrong, 2020.
+  [MI]      Cover, Thomas. Elements of Information Theory, 2nd ed. Wiley 2006, section 2.4 (mutual
+            information); its finite-sample bias: Miller 1955, Panzeri and Treves, Network 7, 1996.
+  [NMI]     Strehl, Ghosh. Cluster Ensembles. JMLR 3, 2002, eq. 2 (MI / sqrt(H(X) H(Y))).
+  [Jaccard] Jaccard. The distribution of the flora in the alpine zone. New Phytologist 11, 1912.
 """
 
 from __future__ import annotations
@@ -308,6 +312,114 @@ def cross_layer_cooccurrence(counts_LLEE: np.ndarray) -> np.ndarray:
         return np.where(n_LE[:, None, :, None] > 0, counts / n_LE[:, None, :, None], np.nan)
 
 
+# -- cross-layer consistency -------------------------------------------------------------------------
+
+
+def transition_counts(expert_ids_LTk: np.ndarray, num_experts: int, valid: np.ndarray | None = None) -> np.ndarray:
+    """``C[l, i, j]``: tokens routed to expert i at layer l and to expert j at layer l + 1.
+
+    The blocks ``cross_layer_counts(...)[l, l + 1]`` alone (``RoutingStats.transition_counts`` reads
+    them from its cross-layer counts). A token adds one to each of its ``k * k`` pairs of choices, so
+    every ``C[l]`` sums to ``k^2 T``.
+
+    Args:
+      expert_ids_LTk: int ``[L, T, k]``; valid: bool ``[T]``.
+
+    Returns int64 ``[L - 1, E, E]``.
+    """
+    onehot = _one_hot_sum(expert_ids_LTk, num_experts) * _valid_tokens(expert_ids_LTk, valid)[..., None]
+    return np.rint(np.einsum("lti,ltj->lij", onehot[:-1], onehot[1:])).astype(np.int64)  # exact below 2^24
+
+
+def transition_probs(counts: np.ndarray) -> np.ndarray:
+    """Transition matrix ``P(j at layer l+1 | i at layer l) = C[i, j] / sum_j' C[i, j']``: ``[..., E, E]``.
+
+    Row i: where the tokens routed to expert i go next (rows sum to 1; unused experts' rows are NaN).
+    It is :func:`cross_layer_cooccurrence` divided by k. Without any link between the layers every row
+    is the next layer's load (:func:`load_fractions`), ``1/E`` for uniformly random routing.
+    """
+    counts = np.asarray(counts, np.float64)
+    rows = counts.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rows > 0, counts / rows, np.nan)
+
+
+def _joint(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joint ``P [..., E, E]`` and marginals ``[..., E, 1]``, ``[..., 1, E]`` of counts."""
+    c = np.asarray(counts, np.float64)
+    P = c / np.maximum(c.sum((-1, -2), keepdims=True), 1e-300)
+    return P, P.sum(-1, keepdims=True), P.sum(-2, keepdims=True)
+
+
+def _h_bits(p: np.ndarray, axes) -> np.ndarray:
+    """Shannon entropy in bits of ``p`` summed over ``axes``."""
+    return -np.sum(np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0), axis=axes)
+
+
+def mutual_information(counts: np.ndarray) -> np.ndarray:
+    """Mutual information in **bits** of a contingency table [MI]: ``[..., E, E]`` -> ``[...]``.
+
+    ``I(X; Y) = sum_ij P(i, j) log2(P(i, j) / (P(i) P(j)))`` with ``P = C / sum C``. For
+    :func:`transition_counts` X is one of a token's k experts at layer l and Y one of its k at layer
+    l + 1, each picked uniformly (the table counts all ``k^2`` pairs): 0 when the next layer's choice
+    does not depend on this one's (the product of the marginals), at most ``min(H(X), H(Y))``. The
+    plug-in estimate from T tokens is biased upwards, so compare with :func:`mutual_information_baseline`
+    rather than with 0, or read :func:`normalized_mutual_information`.
+    """
+    P, px, py = _joint(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        terms = np.where(P > 0, P * np.log2(np.where(P > 0, P, 1.0) / np.where(P > 0, px * py, 1.0)), 0.0)
+    return np.maximum(terms.sum((-1, -2)), 0.0)
+
+
+def marginal_entropies(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(H(X), H(Y))``: entropies (bits) of a table's row and column marginals, ``[..., E, E]`` -> ``[...]`` twice."""
+    _, px, py = _joint(counts)
+    return _h_bits(px, (-1, -2)), _h_bits(py, (-1, -2))
+
+
+def normalized_mutual_information(counts: np.ndarray) -> np.ndarray:
+    """``NMI = I(X; Y) / sqrt(H(X) H(Y))`` [NMI], in [0, 1] (unitless): ``[..., E, E]`` -> ``[...]``.
+
+    0 for independent layers, 1 when each determines the other (possible only for k = 1: with k > 1
+    the k^2 pairs of a token include pairs that carry no information). NaN when a layer has a
+    single expert (zero entropy).
+    """
+    hx, hy = marginal_entropies(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return mutual_information(counts) / np.sqrt(hx * hy)
+
+
+def mutual_information_baseline(load_LE: np.ndarray, tokens: int, k: int, *, samples: int = 4, seed: int = 0,
+                                max_tokens: int = 8192) -> np.ndarray:
+    """Expected :func:`mutual_information` (bits) of layers l, l + 1 routed independently: ``[L, E]`` -> ``[L - 1]``.
+
+    The plug-in MI of T finite samples is positive even for independent variables (about
+    ``(E - 1)^2 / (2 T ln 2)`` bits for k = 1 [MI]; less for k > 1, whose k^2 pairs per token are not
+    independent samples). This simulates it: each layer routes ``tokens`` tokens on its own, k experts
+    drawn without replacement in proportion to the observed load (Gumbel top-k, which reproduces the
+    load approximately), ``samples`` times with a fixed ``seed`` (deterministic). The bias falls as
+    1/T, so more than ``max_tokens`` tokens are simulated as ``max_tokens`` and scaled by
+    ``max_tokens / tokens``. NaN for ``tokens == 0``.
+    """
+    load = np.asarray(load_LE, np.float64)
+    L, E = load.shape
+    if tokens <= 0:
+        return np.full(L - 1, np.nan)
+    T = min(tokens, max_tokens)
+    logp = np.log(np.maximum(load_fractions(load), 1e-12))
+    rng = np.random.default_rng(seed)
+    out = np.zeros(L - 1)
+    for _ in range(samples):
+        prev = None
+        for layer in range(L):  # one layer's [T, E] draws at a time
+            ids = np.argpartition(-(logp[layer] + rng.gumbel(size=(T, E))), k - 1, axis=-1)[:, :k]
+            if prev is not None:
+                out[layer - 1] += mutual_information(transition_counts(np.stack([prev, ids]), E)[0])
+            prev = ids
+    return out / samples * (T / tokens)
+
+
 # -- specialization ----------------------------------------------------------------------------------
 
 
@@ -430,6 +542,59 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
             return np.sum(np.where(a > 0, a * np.log2(np.where(a > 0, a, 1.0) / np.where(m > 0, m, 1.0)), 0.0), -1)
 
     return np.clip(kl(p) / 2 + kl(q) / 2, 0.0, 1.0)
+
+
+def js_halves_baseline(halves_a: np.ndarray, halves_b: np.ndarray) -> np.ndarray:
+    """The :func:`js_divergence` two groups would show if their label did not matter: ``[S, 2, ..., E]`` -> ``[...]``.
+
+    ``halves_g[s, h]`` are group g's expert counts over the tokens that random split s put in half h
+    (``RoutingStats.add_groups``, a fair coin per token). Pooling both groups, split s gives two
+    random halves ``H0 = a[s, 0] + b[s, 0]``, ``H1 = a[s, 1] + b[s, 1]`` of the same tokens; their JS
+    divergence is pure sampling noise. To second order, the JS of two samples of sizes n and m from
+    one distribution is proportional to ``1/n + 1/m`` (``JS ~ sum_i (p_i - q_i)^2 / (8 m_i ln 2)``
+    [JS]), so each split's JS is rescaled from the halves' sizes to the groups' sizes ``n_a``, ``n_b``
+    (routings) and the S splits are averaged: the expected JS of two groups of these sizes under
+    label-independent routing. Tokens are split one by one, so tokens of one prompt that route alike
+    are treated as independent: a lower bound where a group's tokens come from a few prompts.
+    """
+    a, b = np.asarray(halves_a, np.float64), np.asarray(halves_b, np.float64)
+    n_a, n_b = a[0].sum((0, -1)), b[0].sum((0, -1))  # every split holds all of a group's routings
+    h0, h1 = a[:, 0] + b[:, 0], a[:, 1] + b[:, 1]
+    m0, m1 = h0.sum(-1), h1.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = (1 / n_a + 1 / n_b) / (1 / m0 + 1 / m1)
+        per_split = np.where((m0 > 0) & (m1 > 0), js_divergence(h0, h1) * scale, np.nan)
+        used = (~np.isnan(per_split)).sum(0)
+        return np.where(used > 0, np.nansum(per_split, 0) / used, np.nan)
+
+
+def top_experts(counts: np.ndarray, n: int) -> np.ndarray:
+    """The n most used experts of counts ``[..., E]`` -> int ``[..., n]`` (ties: lower expert id first)."""
+    return np.argsort(-np.asarray(counts, np.float64), axis=-1, kind="stable")[..., :n]
+
+
+def jaccard_top(counts_a: np.ndarray, counts_b: np.ndarray, n: int) -> np.ndarray:
+    """Overlap of two fingerprints: Jaccard index [Jaccard] of their n most used experts, ``[..., E]`` -> ``[...]``.
+
+    ``J = |A & B| / |A | B|`` with A, B the top-n experts (:func:`top_experts`) of each expert-count
+    (or frequency) vector, e.g. the per-domain activation frequencies of one layer. 1 = the same n
+    experts, 0 = disjoint. Under uniformly random routing the top-n sets are random n-subsets:
+    :func:`jaccard_baseline`.
+    """
+    A, B = top_experts(counts_a, n), top_experts(counts_b, n)
+    shared = np.sum(A[..., :, None] == B[..., None, :], axis=(-1, -2))
+    return shared / (2 * n - shared)
+
+
+def jaccard_baseline(num_experts: int, n: int) -> float:
+    """Expected :func:`jaccard_top` of two independent uniformly random n-subsets of E experts.
+
+    ``|A & B|`` is hypergeometric: ``P(x) = C(n, x) C(E - n, n - x) / C(E, n)``, and
+    ``E[J] = sum_x P(x) x / (2n - x)`` (0.0750 for E = 32, n = 4; 0.158 for E = 16, n = 4).
+    """
+    E = num_experts
+    return sum(math.comb(n, x) * math.comb(E - n, n - x) / math.comb(E, n) * x / (2 * n - x)
+               for x in range(max(0, 2 * n - E), n + 1))
 
 
 # -- attention sinks -------------------------------------------------------------------------------

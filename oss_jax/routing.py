@@ -23,6 +23,7 @@ for 20b; restrict with ``vocab_layers``), ``G L E`` for groups, plus one chunk's
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
@@ -49,9 +50,13 @@ class RoutingStats:
       logit_tokens: tokens whose router logits were given (denominator of the two above).
       pair_counts: int64 ``[L, L, E, E]`` (cross-layer counts; ``[a, a]`` blocks are co-activation)
         or, with ``cross_layer=False``, ``[L, E, E]`` co-activation counts.
+      transition_counts: int64 ``[L - 1, E, E]``: tokens routed to i at layer l and j at layer l + 1
+        (``metrics.transition_counts``; kept in both modes, small).
       pairs, same_first, any_shared: consecutive-token counts ``[L]`` (see ``metrics.consecutive_counts``).
       token_ids, token_counts: per-token-id counts ``[n, len(vocab_layers), E]`` (int32).
       group_load: ``{label: int64 [L, E]}`` load per group (domain, channel, ...).
+      group_halves: ``{label: int64 [S, 2, L, E]}``: the same load split by S random coins per token
+        (``add_groups`` with ``halves_ST``), for the baseline of :meth:`compare_groups`.
     """
 
     def __init__(self, num_layers: int, num_experts: int, k: int, *, vocab_layers: Sequence[int] | None = None,
@@ -69,12 +74,14 @@ class RoutingStats:
         self.logit_tokens = 0
         self.gate_tokens = 0
         self.pair_counts = np.zeros((L, L, E, E) if cross_layer else (L, E, E), np.int64)
+        self.transition_counts = np.zeros((max(L - 1, 0), E, E), np.int64)
         self.pairs = np.zeros(L, np.int64)
         self.same_first = np.zeros(L, np.int64)
         self.any_shared = np.zeros(L, np.int64)
         self._row_of: dict[int, int] = {}
         self._token_counts = np.zeros((0, len(self.vocab_layers), E), np.int32)
         self.group_load: dict[object, np.ndarray] = {}
+        self.group_halves: dict[object, np.ndarray] = {}
         self._last: np.ndarray | None = None  # [L, k] routing of the previous chunk's last valid token
 
     # -- feeding ---------------------------------------------------------------------------------
@@ -128,6 +135,7 @@ class RoutingStats:
             self.pair_counts += M.cross_layer_counts(ids, E)
         else:
             self.pair_counts += M.coactivation_counts(ids, E)
+        self.transition_counts += M.transition_counts(ids, E)
         # Neighbouring tokens, including the pair across the chunk boundary.
         joined = ids if self._last is None else np.concatenate([self._last[:, None], ids], axis=1)
         pairs, same, shared = M.consecutive_counts(joined)
@@ -144,6 +152,46 @@ class RoutingStats:
                 labels = np.asarray(labels)
                 for label in np.unique(labels):
                     self._add_group(label.item(), M.expert_counts(ids, E, valid=(labels == label)[None]))
+
+    def add_groups(self, expert_ids_LTk: np.ndarray, labels, *, valid_T: np.ndarray | None = None,
+                   halves_ST: np.ndarray | None = None) -> None:
+        """Add routings to group loads only (a token may belong to several groupings: call once per grouping).
+
+        Args:
+          expert_ids_LTk: int ``[L, T, k]`` (routings already given to :meth:`update`).
+          labels: one label for all T tokens (any hashable that is not a list or array, e.g.
+            ``("effort", "high")``), or a list / array of T labels, None for a token in no group.
+          valid_T: bool ``[T]``; False tokens are ignored.
+          halves_ST: int ``[S, T]`` of 0/1: S random splits of the tokens into two halves, kept per
+            group in ``group_halves`` for the baseline of :meth:`compare_groups`.
+        """
+        ids = np.asarray(expert_ids_LTk)
+        L, T, k = ids.shape
+        if (L, k) != (self.num_layers, self.k):
+            raise ValueError(f"expected routings [L={self.num_layers}, T, k={self.k}], got {ids.shape}")
+        per_token = isinstance(labels, list | np.ndarray)
+        if per_token and len(labels) != T:
+            raise ValueError(f"labels: expected one label per token ({T}), got {len(labels)}")
+        halves = None if halves_ST is None else np.asarray(halves_ST).reshape(-1, T)
+        valid = np.ones(T, bool) if valid_T is None else np.asarray(valid_T, bool).reshape(T)
+        groups: dict[object, np.ndarray] = {}
+        if per_token:
+            for t, label in enumerate(labels):
+                if label is not None and valid[t]:
+                    groups.setdefault(label.item() if isinstance(label, np.generic) else label, []).append(t)
+            groups = {g: np.isin(np.arange(T), ts) for g, ts in groups.items()}
+        elif labels is not None:
+            groups = {labels: valid}
+        E = self.num_experts
+        for label, mask in groups.items():
+            self._add_group(label, M.expert_counts(ids, E, valid=mask[None]))
+            if halves is not None:
+                split = np.stack([np.stack([M.expert_counts(ids, E, valid=(mask & (h == side))[None])
+                                            for side in (0, 1)]) for h in halves])
+                if label in self.group_halves:
+                    self.group_halves[label] += split
+                else:
+                    self.group_halves[label] = split
 
     def update_trace(self, trace, labels=None, continues: bool = True) -> None:
         """Add an ``oss_jax.trace.Trace`` (a ``[T]`` one, or each row of a ``[B, T]`` one as its own sequence)."""
@@ -187,8 +235,7 @@ class RoutingStats:
 
         The consecutive-token state is not merged: the two runs are separate sequences.
         """
-        for name in ("load", "first_load", "prob_sum", "entropy_sum", "gate_entropy_sum", "pair_counts",
-                     "pairs", "same_first", "any_shared"):
+        for name in self._SUMS:
             getattr(self, name).__iadd__(getattr(other, name))
         self.tokens += other.tokens
         self.logit_tokens += other.logit_tokens
@@ -199,7 +246,53 @@ class RoutingStats:
         self._token_counts[rows] += other.token_counts
         for label, load in other.group_load.items():
             self._add_group(label, load)
+        for label, split in other.group_halves.items():
+            if label in self.group_halves:
+                self.group_halves[label] = self.group_halves[label] + split
+            else:
+                self.group_halves[label] = split.copy()
         return self
+
+    # -- saving and restoring (resumable runs) ------------------------------------------------------
+    _SUMS = ("load", "first_load", "prob_sum", "entropy_sum", "gate_entropy_sum", "pair_counts", "transition_counts",
+             "pairs", "same_first", "any_shared")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Everything accumulated, as named numpy arrays (for ``np.savez``); :meth:`from_arrays` inverts it exactly."""
+        labels, halves = list(self.group_load), list(self.group_halves)
+        L, E = self.num_layers, self.num_experts
+        out = {name: getattr(self, name) for name in self._SUMS}
+        out.update(shape=np.array([L, E, self.k]), vocab_layers=np.array(self.vocab_layers, np.int64),
+                   cross_layer=np.array(self.cross_layer), counters=np.array([self.tokens, self.logit_tokens,
+                                                                              self.gate_tokens]),
+                   token_ids=self.token_ids, token_counts=self.token_counts,
+                   group_labels=np.array(json.dumps([_label_json(g) for g in labels])),
+                   group_load=np.stack([self.group_load[g] for g in labels]) if labels else np.zeros((0, L, E)),
+                   halves_labels=np.array(json.dumps([_label_json(g) for g in halves])),
+                   group_halves=(np.stack([self.group_halves[g] for g in halves]) if halves
+                                 else np.zeros((0, 0, 2, L, E), np.int64)),
+                   last=np.zeros((0, self.k), np.int64) if self._last is None else self._last)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> RoutingStats:
+        """The accumulator :meth:`to_arrays` saved (``arrays``: that dict, or an open ``np.load`` of it)."""
+        L, E, k = (int(x) for x in arrays["shape"])
+        stats = cls(L, E, k, vocab_layers=[int(x) for x in arrays["vocab_layers"]],
+                    cross_layer=bool(arrays["cross_layer"]))
+        for name in cls._SUMS:
+            setattr(stats, name, np.array(arrays[name], getattr(stats, name).dtype))
+        stats.tokens, stats.logit_tokens, stats.gate_tokens = (int(x) for x in arrays["counters"])
+        ids = np.asarray(arrays["token_ids"])
+        stats._row_of = {int(t): i for i, t in enumerate(ids.tolist())}
+        stats._token_counts = np.array(arrays["token_counts"], np.int32).reshape(len(ids), -1, E)
+        for label, load in zip(json.loads(str(arrays["group_labels"])), arrays["group_load"], strict=True):
+            stats.group_load[_label_from_json(label)] = np.array(load, np.int64)
+        for label, split in zip(json.loads(str(arrays["halves_labels"])), arrays["group_halves"], strict=True):
+            stats.group_halves[_label_from_json(label)] = np.array(split, np.int64)
+        last = np.asarray(arrays["last"])
+        stats._last = last.copy() if last.size else None
+        return stats
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -260,6 +353,31 @@ class RoutingStats:
     def js_divergence(self, label_a, label_b) -> np.ndarray:
         """``[L]``: Jensen-Shannon divergence (bits) between two groups' expert distributions."""
         return M.js_divergence(self.group_load[label_a], self.group_load[label_b])
+
+    def compare_groups(self, label_a, label_b) -> tuple[np.ndarray, np.ndarray]:
+        """``(js [L], baseline [L])``: :meth:`js_divergence` of two groups and ``metrics.js_halves_baseline``,
+        the JS two random halves of their pooled tokens show, rescaled to the groups' sizes (NaN
+        without ``group_halves``)."""
+        js = self.js_divergence(label_a, label_b)
+        if label_a not in self.group_halves or label_b not in self.group_halves:
+            return js, np.full(self.num_layers, np.nan)
+        return js, M.js_halves_baseline(self.group_halves[label_a], self.group_halves[label_b])
+
+
+def _label_json(label):
+    """A group label as JSON (tuples become lists)."""
+    if isinstance(label, tuple | list):
+        return [_label_json(x) for x in label]
+    if isinstance(label, np.generic):
+        return label.item()
+    if label is None or isinstance(label, str | int | float | bool):
+        return label
+    raise ValueError(f"group label {label!r} cannot be saved: use str, int or tuples of them")
+
+
+def _label_from_json(value):
+    """Inverse of :func:`_label_json` (lists become tuples)."""
+    return tuple(_label_from_json(x) for x in value) if isinstance(value, list) else value
 
 
 class SinkStats:
