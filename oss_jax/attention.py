@@ -85,6 +85,7 @@ class Attention(nnx.Module):
 
     Static attributes: ``impl`` (``"fast"``: ``kernels.attention.attend``; ``"reference"``:
     :func:`attention`), ``window`` and ``recording`` (tracing; see ``layers.Recording``).
+    ``lora``: None, or low-rank adapters of the projections (``oss_jax.lora.AttentionLora``).
     """
 
     def __init__(self, cfg: Config, layer: int, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
@@ -103,6 +104,7 @@ class Attention(nnx.Module):
                           cfg.rope_beta_fast, cfg.rope_beta_slow, cfg.rope_truncate)
         self.impl = "fast"
         self.recording: Recording | None = None
+        self.lora = nnx.data(None)  # None: no adapters, nothing traced (see oss_jax.lora)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
@@ -115,6 +117,8 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...]) + self.bq_NH[...]
         k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk_DKH[...]) + self.bk_KH[...]
         v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv_DKH[...]) + self.bv_KH[...]
+        if self.lora is not None:  # q, k, v += (alpha / r) x A B, for the adapted ones
+            q, k, v = self.lora.add("q", x_BTD, q), self.lora.add("k", x_BTD, k), self.lora.add("v", x_BTD, v)
         inv_freq, concentration = rope.yarn_inv_freq(*self.rope_args)
         cos, sin = rope.cos_sin(positions_BT, inv_freq, concentration)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
@@ -141,6 +145,8 @@ class Attention(nnx.Module):
         # CPU backend may transpose the whole weight to suit the attention output's layout, every call.
         B, T, N, H = o.shape
         out = (o.reshape(B * T, N * H) @ self.wo_NHD[...].reshape(N * H, -1)).reshape(B, T, -1)
+        if self.lora is not None:
+            out = self.lora.add("o", o, out)
         return out + self.bo_D[...], cache
 
     # -- tracing: runs only while ``recording`` is set (see oss_jax.trace) ------------------------

@@ -124,6 +124,9 @@ def save(model: GptOss, dst: str | os.PathLike, *, mxfp4: bool = True, float_dty
       extra: JSON-able notes stored in ``config.json`` under ``"oss_jax"``.
     """
     token_map = token_map if token_map is not None else model.token_map
+    if any(getattr(module, "lora", None) is not None for _, module in nnx.iter_modules(model)):
+        raise ValueError("save() writes plain models: this one has LoRA adapters (save lora.merge(model), or "
+                         "the adapters alone with lora.save_adapters)")
     if model.layers[0].mlp.experts.packed:
         raise ValueError("save() writes models with dense experts (load with experts='dense')")
     dst = Path(dst)

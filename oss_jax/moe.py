@@ -45,6 +45,9 @@ class Experts(nnx.Module):
       dispatch: which fast loop: ``"auto"``, ``"gather"``, ``"sorted"`` or ``"scan"`` (see
         ``kernels.experts``), or ``"dense"``: :meth:`reference` (every expert on every token).
       mesh: set by ``oss_jax.sharding.shard``: the mixture then runs expert-parallel.
+
+    ``lora``: None, or per-expert low-rank adapters (``oss_jax.lora.ExpertsLora``, set by ``lora.add``)
+    whose updates :meth:`reference` and :meth:`ffn` add to ``h`` and ``y``; the weights stay as they are.
     """
 
     def __init__(self, cfg: Config, *, packed: bool, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
@@ -66,6 +69,7 @@ class Experts(nnx.Module):
         self.impl = "fast"
         self.dispatch = "auto"
         self.mesh: jax.sharding.Mesh | None = None
+        self.lora = nnx.data(None)  # None: no adapters, nothing traced (see oss_jax.lora)
 
     def weights(self, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Expert weights for integer indices ``idx [...]``: ``w1 [..., D, 2F]``, ``w2 [..., F, D]``.
@@ -87,7 +91,12 @@ class Experts(nnx.Module):
         E = self.gate_up_bias_EF2.shape[0]
         w1_EDF2, w2_EFD = self.weights(jnp.arange(E))
         h_XEF2 = jnp.einsum("xd,edf->xef", x_XD, w1_EDF2) + self.gate_up_bias_EF2[...]
-        y_XED = jnp.einsum("xef,efd->xed", swiglu(h_XEF2, self.limit, self.alpha), w2_EFD) + self.down_bias_ED[...]
+        if self.lora is not None:
+            h_XEF2 = h_XEF2 + self.lora.gate_up(x_XD)
+        s_XEF = swiglu(h_XEF2, self.limit, self.alpha)
+        y_XED = jnp.einsum("xef,efd->xed", s_XEF, w2_EFD) + self.down_bias_ED[...]
+        if self.lora is not None:
+            y_XED = y_XED + self.lora.down(s_XEF)
         gates_XE = jnp.einsum("xk,xke->xe", gates_Xk, jax.nn.one_hot(idx_Xk, E, dtype=f32))  # 0: not chosen
         return jnp.einsum("xed,xe->xd", y_XED.astype(f32), gates_XE)
 
@@ -112,7 +121,12 @@ class Experts(nnx.Module):
         else:
             w1, w2 = self.gate_up_EDF2[...], self.down_EFD[...]
         h = fast.expert_matmul(x_RD, w1, e, self.dtype) + fast.row(self.gate_up_bias_EF2[...], e)
-        y = fast.expert_matmul(swiglu(h, self.limit, self.alpha), w2, e, self.dtype)
+        if self.lora is not None:
+            h = h + self.lora.gate_up(x_RD, e)
+        s = swiglu(h, self.limit, self.alpha)
+        y = fast.expert_matmul(s, w2, e, self.dtype)
+        if self.lora is not None:
+            y = y + self.lora.down(s, e)
         return (y + fast.row(self.down_bias_ED[...], e)).astype(f32)
 
 
@@ -125,11 +139,14 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, packed=packed, dtype=dtype, rngs=rngs)
         self.k = cfg.experts_per_token
         self.recording: Recording | None = None  # static: see layers.Recording
+        self.lora = nnx.data(None)  # None, or the router's adapter (oss_jax.lora.RouterLora)
 
     def route(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Router logits ``[B, T, E]`` (float32), chosen experts ``[B, T, k]`` (best first), gates ``[B, T, k]``."""
         logits = jnp.einsum("btd,ed->bte", x_BTD.astype(f32), self.router_ED[...].astype(f32))
         logits = logits + self.router_bias_E[...].astype(f32)
+        if self.lora is not None:
+            logits = logits + self.lora(x_BTD)
         top, idx = jax.lax.top_k(logits, self.k)
         return logits, idx, jax.nn.softmax(top, axis=-1)
 

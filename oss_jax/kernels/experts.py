@@ -58,6 +58,7 @@ def mix(ffn: Ffn, E: int, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Arra
     if mode == "sorted":
         return _tiles(ffn, E, x_XD, idx_Xk, gates_Xk, tile=_sorted_tile(X * k, E))
     if mode == "scan":
+        @jax.checkpoint  # the backward pass recomputes each expert: nothing of it is kept per step
         def step(acc_XD, e):
             coef_X = jnp.sum(jnp.where(idx_Xk == e, gates_Xk, 0.0), axis=-1)
             return acc_XD + coef_X[:, None] * ffn(e, x_XD), None
@@ -106,9 +107,10 @@ def _tiles(ffn: Ffn, E: int, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.A
     row_tok = jnp.concatenate([row_tok, jnp.full((R,), X, jnp.int32)])
     row_gate = jnp.concatenate([row_gate, jnp.zeros((R,), f32)])
     row_e = jnp.concatenate([row_e, jnp.full((R,), E, jnp.int32)])
-    # Recompute each tile's expert in the backward pass rather than keep its weights per tile.
-    ffn = jax.checkpoint(ffn)
-
+    # Recompute each tile in the backward pass rather than keep its weights per tile. The whole step,
+    # cond included: a checkpointed ffn inside the cond would make the cond hand its inputs (every
+    # expert's weights) out as per-tile residuals; this way the loop keeps only ``t``.
+    @jax.checkpoint
     def body(t, acc_XD):
         e, r = tile_e[t], tile_row[t]
 
@@ -197,6 +199,8 @@ PARAM_AXES = {
     "gate_up_bias_EF2": ("E", "F"), "down_bias_ED": ("E", None),
     "gate_up_blocks": ("E", "F", None, None), "gate_up_scales": ("E", "F", None),
     "down_blocks": ("E", None, "F", None), "down_scales": ("E", None, "F"),
+    # LoRA adapters (oss_jax.lora.ExpertsLora): A1 [E, D, r], B1 [E, r, 2F], A2 [E, F, r], B2 [E, r, D].
+    "A1_EDr": ("E", None, None), "B1_ErF2": ("E", None, "F"), "A2_EFr": ("E", "F", None), "B2_ErD": ("E", None, None),
 }
 
 
@@ -228,7 +232,10 @@ def experts_parallel(experts: nnx.Module, x_XD: jax.Array, idx_Xk: jax.Array, ga
     E, F2 = experts.gate_up_bias_EF2.shape
     by_expert, by_hidden = split(E, F2 // 2, experts.packed, mesh.shape["expert"], mesh.shape["tensor"])
     graphdef, state = nnx.split(experts)
-    state_specs = jax.tree_util.tree_map_with_path(lambda kp, _: param_spec(kp[0].key, by_expert, by_hidden), state)
+    def spec(kp, _) -> PartitionSpec:  # by the parameter's own name (adapters sit one level down, in lora)
+        return param_spec([k.key for k in kp if isinstance(k, jax.tree_util.DictKey)][-1], by_expert, by_hidden)
+
+    state_specs = jax.tree_util.tree_map_with_path(spec, state)
     d = mesh.shape["data"]
     tokens = PartitionSpec("data" if d > 1 and x_XD.shape[0] % d == 0 else None, None)
 
