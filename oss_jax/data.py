@@ -24,7 +24,8 @@ split by a hash of the key; training only ever draws train keys and evaluation o
 Tokens: the prompt is rendered by ``oss_jax.harmony`` exactly as ``chat`` renders it. In the
 assistant's text every digit is its own token (o200k groups digits in threes, "1232" -> "123",
 "2"): decoding gives the same text, and a 4M-parameter model can copy digits one at a time where
-it could not learn to compose a thousand three-digit tokens from a few examples each.
+it could not learn to compose a thousand three-digit tokens from a few examples each
+(``SPLIT_FAMILIES`` says in which families; all of them for the bundled model).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ import numpy as np
 from oss_jax import harmony
 
 FAMILIES = ("add", "sort", "reverse", "count", "lookup")
-# Share of training data. Additions dominate: reading the digits out of o200k's three-digit number tokens
-# is the skill the bundled model needed the most examples of to reach 90% on additions in 30 minutes;
-# the other families get what is left (and the bundled model sorts and reverses poorly).
+# Share of training data (the default of ``TrainConfig.family_mix``: the bundled model's recipe).
+# Additions dominate: reading the digits out of o200k's three-digit number tokens is the skill the
+# bundled model needed the most examples of to reach 90% on additions in 30 minutes; the other
+# families get what is left (and the bundled model sorts and reverses poorly). A balanced mix
+# (0.3/0.2/0.15/0.15/0.2) tried for 1,600 steps lifted counting but no family that must find its
+# answer by content in the question, and lost the additions.
 MIX = {"add": 0.8, "sort": 0.05, "reverse": 0.05, "count": 0.05, "lookup": 0.05}
 EFFORTS = ("low", "medium", "high")
 HELDOUT_PERCENT = 10
@@ -164,10 +168,13 @@ def make(family: str, effort: str, rng: np.random.Generator, heldout: bool = Fal
             return Example(family, effort, key, question, analyses[effort], final)
 
 
-def example(seed: int, index: int, heldout: bool = False, effort: str | None = None) -> Example:
-    """Example number ``index`` of the stream ``seed``: family by ``MIX``, effort uniform unless given."""
+def example(seed: int, index: int, heldout: bool = False, effort: str | None = None,
+            mix: dict[str, float] | None = None) -> Example:
+    """Example number ``index`` of the stream ``seed``: family by ``mix`` (default ``MIX``), effort
+    uniform unless given."""
     rng = np.random.default_rng([seed, index, int(heldout)])
-    family = FAMILIES[int(rng.choice(len(FAMILIES), p=[MIX[f] for f in FAMILIES]))]
+    mix = MIX if mix is None else mix
+    family = FAMILIES[int(rng.choice(len(FAMILIES), p=[mix[f] for f in FAMILIES]))]
     drawn = EFFORTS[int(rng.integers(len(EFFORTS)))]
     return make(family, effort or drawn, rng, heldout)
 
@@ -187,9 +194,16 @@ def split_digits(ids: list[int]) -> list[int]:
     return out
 
 
-def assistant_tokens(text: str) -> list[int]:
-    """How the assistant writes ``text``: o200k tokens, digits one per token."""
-    return split_digits(harmony.encode(text))
+# The families in which the assistant writes one token per digit; elsewhere it writes o200k's own
+# tokens (copying "42" from the question is then copying one token). The bundled model: all.
+SPLIT_FAMILIES = FAMILIES
+
+
+def assistant_tokens(text: str, family: str | None = None) -> list[int]:
+    """How the assistant writes ``text`` in ``family``: o200k tokens, digits one per token in
+    ``SPLIT_FAMILIES`` (and when ``family`` is None)."""
+    ids = harmony.encode(text)
+    return split_digits(ids) if family is None or family in SPLIT_FAMILIES else ids
 
 
 @functools.cache
@@ -201,9 +215,9 @@ def completion(ex: Example) -> list[int]:
     """What the model writes after ``<|start|>assistant``: [analysis message], final message."""
     out: list[int] = []
     if ex.analysis:
-        out += _header("analysis") + assistant_tokens(ex.analysis) + [harmony.END, harmony.START]
+        out += _header("analysis") + assistant_tokens(ex.analysis, ex.family) + [harmony.END, harmony.START]
         out += harmony.encode("assistant")
-    return out + _header("final") + assistant_tokens(ex.final) + [harmony.RETURN]
+    return out + _header("final") + assistant_tokens(ex.final, ex.family) + [harmony.RETURN]
 
 
 def tokens(ex: Example) -> tuple[list[int], list[int]]:

@@ -69,7 +69,7 @@ def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: S
                 reply = harmony.Reply.from_tokens([int(t) for t in row if t != PAD])
                 ok = reply.final.strip() == ex.final
                 correct += ok
-                lengths.append(len(data.assistant_tokens(reply.analysis)) if reply.analysis else 0)
+                lengths.append(len(data.assistant_tokens(reply.analysis, family)) if reply.analysis else 0)
                 if len(kept) < keep_examples:
                     kept.append({"question": ex.question, "expected": ex.final, "final": reply.final,
                                  "analysis": reply.analysis, "correct": bool(ok)})

@@ -50,16 +50,26 @@ from oss_jax.vocab import TokenMap
 f32 = jnp.float32
 
 
-def tiny_config(vocab_size: int) -> Config:
+def tiny_config(vocab_size: int, *, dense: bool = False) -> Config:
     """The bundled model: every gpt-oss feature at small scale (about 4M parameters).
 
     Sinks, alternating sliding (64-token) and full attention, YaRN RoPE with gpt-oss's own
     constants, 16 experts with top-4 routing, clamped SwiGLU, biases; sizes all different
     (4 query heads x 48 = 192 != hidden 128) as in the real models.
+
+    ``dense``: its dense twin, with the same parameters active per token: one expert of width
+    k * F = 512 chosen for every token (top-1 of 1, so its gate is always 1). It is still a gpt-oss
+    config, so every code path, checkpoint format and tool works on it unchanged.
     """
-    return Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=48, num_experts=16, experts_per_token=4,
-                  sliding_window=64, quant_method="mxfp4")
+    experts, k, width = (1, 1, 4 * 128) if dense else (16, 4, 128)
+    return Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=width, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=48, num_experts=experts,
+                  experts_per_token=k, sliding_window=64, quant_method="mxfp4")
+
+
+# The no-sink twin's sink logits: exp(NO_SINK - max score) is exactly 0 in float32 and bfloat16, so
+# the sink takes no attention and receives no gradient; finite, so the checkpoint is a valid gpt-oss one.
+NO_SINK = -1e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +78,8 @@ class TrainConfig:
 
     steps: int = 2400
     batch: int = 8
+    # Share of each task family (in data.FAMILIES order) in the training stream.
+    family_mix: tuple[float, ...] = tuple(data.MIX[f] for f in data.FAMILIES)
     # Each step trains on one effort (low, medium, high), drawn with these weights, padded to that
     # effort's length: a third of the compute padding cost of one length for all. Mostly high: the
     # column-by-column additions are what a small model needs the most examples of.
@@ -84,6 +96,8 @@ class TrainConfig:
     z_coef: float = 1e-3
     seed: int = 0
     digit_init: bool = True  # number tokens' embeddings start digit-structured (see init_model)
+    dense: bool = False  # the dense twin: one FFN of width k * F instead of E experts (tiny_config)
+    sinks: bool = True  # False: the no-sink twin, sink logits fixed at NO_SINK (no learned sinks)
     checkpoint_every: int = 200
     snapshot_steps: tuple[int, ...] = (100, 500, 1500)  # whole small checkpoints kept for the notebooks
     log_every: int = 10
@@ -94,6 +108,15 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {least}, got {value!r}")
+        for name, n in (("family_mix", len(data.FAMILIES)), ("effort_mix", len(data.EFFORTS))):
+            mix = getattr(self, name)
+            if len(mix) != n or any(not 0 <= w <= 1 for w in mix) or abs(sum(mix) - 1) > 1e-6:
+                raise ValueError(f"TrainConfig.{name} must be {n} weights >= 0 that sum to 1, got {mix!r}")
+
+    @property
+    def mix(self) -> dict[str, float]:
+        """``family_mix`` by family name."""
+        return dict(zip(data.FAMILIES, self.family_mix, strict=True))
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -112,7 +135,7 @@ def make_batch(tmap: TokenMap, tc: TrainConfig, step: int) -> dict[str, np.ndarr
     mask = np.zeros((batch, seq_len), np.float32)
     positions = np.full((batch, seq_len), -1, np.int32)
     for b in range(batch):
-        prompt, comp = data.tokens(data.example(tc.seed, step * batch + b, effort=effort))
+        prompt, comp = data.tokens(data.example(tc.seed, step * batch + b, effort=effort, mix=tc.mix))
         ids = tmap.to_model(prompt + comp, strict=True)
         n = len(ids)
         if n > seq_len + 1:
@@ -124,7 +147,7 @@ def make_batch(tmap: TokenMap, tc: TrainConfig, step: int) -> dict[str, np.ndarr
 
 
 # -- model ----------------------------------------------------------------------------------------
-def init_model(cfg: Config, seed: int, tmap: TokenMap | None = None) -> GptOss:
+def init_model(cfg: Config, seed: int, tmap: TokenMap | None = None, *, sinks: bool = True) -> GptOss:
     """A float32 model with dense experts: weights N(0, 0.02) (output projections scaled by
     1/sqrt(2L), as GPT-2), biases and sinks 0, norm scales 1. Filled from numpy (fast, and the same
     on every machine).
@@ -144,7 +167,9 @@ def init_model(cfg: Config, seed: int, tmap: TokenMap | None = None) -> GptOss:
         name, shape = str(path[-1]), var.get_value().shape
         if name == "scale":
             value = np.ones(shape, np.float32)
-        elif name.startswith(("b", "sinks", "router_bias", "gate_up_bias", "down_bias")):
+        elif name.startswith("sinks"):
+            value = np.full(shape, 0.0 if sinks else NO_SINK, np.float32)
+        elif name.startswith(("b", "router_bias", "gate_up_bias", "down_bias")):
             value = np.zeros(shape, np.float32)
         else:
             std = out_std if name in ("wo_NHD", "down_EFD") else 0.02
@@ -212,8 +237,16 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1),
                                                   end_value=tc.lr * tc.final_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(optax.clip_by_global_norm(tc.clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask))
+    steps = [optax.clip_by_global_norm(tc.clip),
+             optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask)]
+    if not tc.sinks:  # the no-sink twin: its sink logits never move from NO_SINK
+        steps.append(optax.masked(optax.set_to_zero(), _sink_mask))
+    return optax.chain(*steps)
+
+
+def _sink_mask(params: nnx.State) -> nnx.State:
+    """True on the sink logits, False elsewhere (same tree as ``params``)."""
+    return jax.tree.map_with_path(lambda path, _: "sinks_N" in jax.tree_util.keystr(path), params)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 5, 6), donate_argnums=(2, 3))
@@ -247,8 +280,8 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
     logged = read_metrics(metrics_path)  # a corrupt log is refused before any work
     saved.write_text(json.dumps(_jsonable(tc), indent=1))
     tmap = TokenMap(data.vocabulary())
-    cfg = tiny_config(len(tmap))
-    model = init_model(cfg, tc.seed, tmap if tc.digit_init else None)
+    cfg = tiny_config(len(tmap), dense=tc.dense)
+    model = init_model(cfg, tc.seed, tmap if tc.digit_init else None, sinks=tc.sinks)
     graphdef, params = _for_training(model)
     opt = optimizer(tc)
     opt_state = opt.init(params)

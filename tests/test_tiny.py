@@ -16,6 +16,7 @@ from transformers import GptOssForCausalLM
 import oss_jax
 from oss_jax import data, harmony, train
 from oss_jax.load import TINY_DIR, save, tiny_snapshots
+from oss_jax.trace import trace
 from oss_jax.vocab import UNKNOWN, TokenMap
 from tests.reference import hf_logits, load_hf_mxfp4, rel_err
 
@@ -35,6 +36,10 @@ def test_heldout_split_is_disjoint():
     test_keys = {(e.family, e.key) for e in test_ex}
     assert not train_keys & test_keys
     assert {e.family for e in test_ex} == set(data.FAMILIES)
+    for family in data.FAMILIES:  # every family has questions on both sides, and none in common
+        train_f = {e.key for e in train_ex if e.family == family}
+        test_f = {e.key for e in test_ex if e.family == family}
+        assert train_f and test_f and not train_f & test_f, family
     assert all(not data.is_heldout(e.family, e.key) for e in train_ex)
     assert all(data.is_heldout(e.family, e.key) for e in test_ex)
     # about 10% of addition pairs are held out, and the questions are phrased exactly
@@ -54,14 +59,21 @@ def test_effort_sets_the_analysis():
 
 
 def test_conversations_parse_back_and_digits_are_single_tokens():
+    split = 0
     for i in range(200):
         ex = data.example(1, i)
         prompt, comp = data.tokens(ex)
         assert prompt == harmony.render(ex.question, ex.effort)
         reply = harmony.Reply.from_tokens(comp, strict=True)
         assert reply.final == ex.final and reply.analysis == ex.analysis
-        digits = [t for t in comp if harmony.decode([t]).isdigit()]
-        assert all(len(harmony.decode([t])) == 1 for t in digits)
+        digits = [harmony.decode([t]) for t in comp if harmony.decode([t]).isdigit()]
+        if ex.family in data.SPLIT_FAMILIES:  # additions: one token per digit
+            assert all(len(d) == 1 for d in digits)
+            split += 1
+        else:  # the other families copy numbers as o200k writes them
+            final = harmony.encode(ex.final)
+            assert comp[-1 - len(final):-1] == final
+    assert split > 20
 
 
 # -- vocabulary ------------------------------------------------------------------------------------------
@@ -76,6 +88,21 @@ def test_vocabulary_covers_the_corpus(tmap):
             prompt, comp = data.tokens(data.example(11, i, heldout=heldout))
             tmap.to_model(prompt + comp, strict=True)  # raises on any unknown token
     assert len(tmap) < 2000
+
+
+def test_token_map_round_trips_every_family(tmap):
+    """o200k text of every family and effort -> model ids -> o200k ids -> the same text."""
+    rng = np.random.default_rng(3)
+    for family in data.FAMILIES:
+        for effort in data.EFFORTS:
+            for heldout in (False, True):
+                ex = data.make(family, effort, rng, heldout=heldout)
+                prompt, completion = data.tokens(ex)
+                ids = prompt + completion
+                back = tmap.to_o200k(tmap.to_model(ids, strict=True))
+                np.testing.assert_array_equal(back, ids)
+                text = harmony.decode([int(t) for t in back])
+                assert ex.question in text and ex.final in text and ex.analysis in text
 
 
 def test_token_map_round_trip(tmp_path, tmap):
@@ -202,3 +229,23 @@ def test_bundled_model_loads_offline_and_answers(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         oss_jax.chat(model, "What is 5 + 7?", effort="low", max_new_tokens=8)
+
+
+def test_twins_train_on_the_same_recipe(tmp_path):
+    """The no-sink twin's sinks never move from NO_SINK (no attention mass on them); the dense twin
+    is a gpt-oss config with one expert of width k * F: the same active parameters per token."""
+    nosink = train.train(tmp_path / "n", dataclasses.replace(SHORT, sinks=False, snapshot_steps=()), progress=False)
+    for layer in nosink.layers:
+        np.testing.assert_array_equal(np.asarray(layer.attn.sinks_N[...]), train.NO_SINK)
+    prompt = harmony.render("What is 1 + 2?", "high")
+    t = trace(nosink, np.array([prompt]), router=False)
+    assert float(np.max(t.sink_mass)) == 0.0
+    dense = train.train(tmp_path / "d", dataclasses.replace(SHORT, dense=True, snapshot_steps=()), progress=False)
+    moe_cfg, dense_cfg = train.tiny_config(100), dense.config
+    assert (dense_cfg.num_experts, dense_cfg.experts_per_token) == (1, 1)
+    active = lambda c: c.experts_per_token * 3 * c.hidden_size * c.intermediate_size  # gate, up, down
+    assert active(dense_cfg) == active(moe_cfg)
+    again = oss_jax.load(tmp_path / "d" / "model", dtype="float32")
+    np.testing.assert_allclose(np.asarray(again(np.array([prompt]))), np.asarray(dense(np.array([prompt]))), atol=0.25)
+    with pytest.raises(ValueError, match="family_mix"):
+        train.TrainConfig(family_mix=(0.5, 0.5, 0.0, 0.0, 0.1))
