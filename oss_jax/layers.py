@@ -57,8 +57,8 @@ class Recording:
         otherwise.
       expert_outputs: ``MoE`` sows, per token and chosen expert, the L2 norm ``expert_norms [B, T, k]``
         and the largest absolute entry ``expert_max [B, T, k]`` (float32) of that expert's output
-        ``expert_e(x)`` before its gate (biases included). Costs one pass of every expert over the
-        layer's tokens (``MoE.expert_magnitudes``).
+        ``expert_e(x)`` before its gate (biases included). Costs the layer's expert work once more
+        (``MoE.expert_magnitudes``: each choice run on its own, with gate 1).
     """
 
     router: bool = True

@@ -153,18 +153,22 @@ class MoE(nnx.Module):
     def expert_magnitudes(self, x_XD: jax.Array, idx_Xk: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``||expert_e(x)||_2`` and ``max |expert_e(x)|`` (float32 ``[X, k]``) for each token's chosen experts.
 
-        The expert outputs before the gate, biases included, as ``Experts.ffn`` computes them. One
-        expert at a time (``jax.lax.map`` over ``E``: only ``[X, D]`` of outputs live at once), each on
-        every token, then each token keeps its chosen ones. Traced only while recording asks for it.
+        The expert outputs before the gate, biases included. Choice ``j`` of every token is run as a
+        mixture of one expert with gate 1 (``idx[:, j]``, through the same dispatch as the layer itself,
+        so only the chosen experts are read): k such passes cost about the layer's own expert work again.
+        Traced only while recording asks for it.
         """
-        E = self.router_bias_E.shape[0]
-
-        def one(e: jax.Array) -> tuple[jax.Array, jax.Array]:
-            y_XD = self.experts.ffn(e, x_XD)
-            return jnp.sqrt(jnp.sum(y_XD * y_XD, axis=-1)), jnp.max(jnp.abs(y_XD), axis=-1)
-
-        norms_EX, peaks_EX = jax.lax.map(one, jnp.arange(E))
-        return (jnp.take_along_axis(norms_EX.T, idx_Xk, axis=1), jnp.take_along_axis(peaks_EX.T, idx_Xk, axis=1))
+        ones_X1 = jnp.ones((x_XD.shape[0], 1), f32)
+        norms, peaks = [], []
+        for j in range(idx_Xk.shape[1]):
+            choice_X1 = idx_Xk[:, j:j + 1]
+            if self.experts.mesh is None:
+                y_XD = self.experts.mix(x_XD, choice_X1, ones_X1)
+            else:
+                y_XD = self.experts(x_XD, choice_X1, ones_X1).astype(f32)
+            norms.append(jnp.sqrt(jnp.sum(y_XD * y_XD, axis=-1)))
+            peaks.append(jnp.max(jnp.abs(y_XD), axis=-1))
+        return jnp.stack(norms, axis=-1), jnp.stack(peaks, axis=-1)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         B, T, D = x_BTD.shape

@@ -285,7 +285,7 @@ class RoutingStats:
         stats.tokens, stats.logit_tokens, stats.gate_tokens = (int(x) for x in arrays["counters"])
         ids = np.asarray(arrays["token_ids"])
         stats._row_of = {int(t): i for i, t in enumerate(ids.tolist())}
-        stats._token_counts = np.array(arrays["token_counts"], np.int32).reshape(len(ids), -1, E)
+        stats._token_counts = np.array(arrays["token_counts"], np.int32).reshape(len(ids), len(stats.vocab_layers), E)
         for label, load in zip(json.loads(str(arrays["group_labels"])), arrays["group_load"], strict=True):
             stats.group_load[_label_from_json(label)] = np.array(load, np.int64)
         for label, split in zip(json.loads(str(arrays["halves_labels"])), arrays["group_halves"], strict=True):

@@ -233,7 +233,7 @@ def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: 
         says which positions were recorded), so it is at most ``T`` wide for the default positions;
         a window outside them, or still wider than ``T`` once clipped (gapped positions), is refused.
       expert_outputs: also record ``Trace.expert_norms`` and ``Trace.expert_max`` (each layer then
-        runs every expert on every token once more: about E/k times the experts' work).
+        runs its chosen experts once more, one choice at a time: about twice the experts' work).
 
     Returns:
       A :class:`Trace` of numpy arrays.

@@ -371,3 +371,11 @@ def test_cli_end_to_end(corpus, full, tmp_path):
     assert r.returncode == 1 and one_line(r.stderr) == f"oss-jax routes: error: {bad}:2: 'text' must be a non-empty " \
                                                         f"string, got 3"
     assert not (tmp_path / "never").exists()
+
+
+def test_empty_stats_round_trip():
+    """A run killed before its first prompt finished saved empty sums; they must load back (a
+    20b-sized run killed while compiling could not resume)."""
+    empty = RoutingStats(3, 8, 2)
+    again = RoutingStats.from_arrays(empty.to_arrays())
+    assert again.tokens == 0 and again.token_counts.shape == (0, 3, 8)
