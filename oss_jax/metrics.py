@@ -25,7 +25,8 @@ Sources:
   [LossFree] Wang, Gao, Zhao, Sun, Dai. Auxiliary-Loss-Free Load Balancing Strategy for
             Mixture-of-Experts. arXiv:2408.15664, 2024 (MaxVio).
   [OLMoE]   Muennighoff et al. OLMoE: Open Mixture-of-Experts Language Models. arXiv:2409.02060,
-            2024, section 5 (router saturation, co-activation, domain and vocabulary specialization).
+            2024, section 5: 5.1 router saturation, 5.2 co-activation, 5.3 domain and 5.4 vocabulary
+            specialization.
   [Mixtral] Jiang et al. Mixtral of Experts. arXiv:2401.04088, 2024, section 5 (routing analysis,
             Table 5: repeated assignments of consecutive tokens).
   [JS]      Lin. Divergence measures based on the Shannon entropy. IEEE Trans. Inf. Theory 1991.
@@ -279,7 +280,7 @@ def next_token_entropy(logits: np.ndarray) -> np.ndarray:
 
 
 def coactivation(counts: np.ndarray) -> np.ndarray:
-    """Co-activation ``N(i, j) / N(i)`` [OLMoE, section 5.3]: ``[..., E, E]`` -> ``[..., E, E]``.
+    """Co-activation ``N(i, j) / N(i)`` [OLMoE, section 5.2]: ``[..., E, E]`` -> ``[..., E, E]``.
 
     Row i: of the tokens routed to expert i, the fraction also routed to expert j (``counts``
     from :func:`coactivation_counts`; its diagonal is ``N(i)``). The diagonal of the result is 1;
@@ -424,7 +425,7 @@ def mutual_information_baseline(load_LE: np.ndarray, tokens: int, k: int, *, sam
 
 
 def specialization_per_expert(counts: np.ndarray, k: int) -> np.ndarray:
-    """OLMoE's specialization of expert i to a token id (or domain) x: ``N(x, i) / N(x)`` [OLMoE, 5.1, 5.4].
+    """OLMoE's specialization of expert i to a token id (or domain) x: ``N(x, i) / N(x)`` [OLMoE, 5.3, 5.4].
 
     ``N(x, i)``: occurrences of x routed to expert i (among the top k); ``N(x)``: occurrences of x,
     i.e. ``sum_i N(x, i) / k``. ``[..., E]`` -> ``[..., E]``, each entry in [0, 1], summing to k.
@@ -475,7 +476,7 @@ def vocabulary_specialization(token_ids: np.ndarray, counts: np.ndarray, k: int,
 
 
 def domain_specialization(domain_counts: np.ndarray, k: int) -> np.ndarray:
-    """Domain specialization [OLMoE, 5.1] summarised per domain: :func:`specialization` of the
+    """Domain specialization [OLMoE, 5.3] summarised per domain: :func:`specialization` of the
     expert counts of all tokens of a domain (``[..., E]`` per domain, e.g. ``[D, L, E]``).
 
     Use :func:`specialization_per_expert` for OLMoE's per-expert bars.
@@ -514,7 +515,7 @@ def consecutive_baseline(num_experts: int, k: int) -> tuple[float, float]:
 
 def router_saturation(expert_ids_a: np.ndarray, expert_ids_b: np.ndarray,
                       valid: np.ndarray | None = None) -> np.ndarray:
-    """Router saturation [OLMoE, section 4.1]: the share of top-k experts two routers agree on.
+    """Router saturation [OLMoE, section 5.1]: the share of top-k experts two routers agree on.
 
     ``sat = mean_x |topk_a(x) & topk_b(x)| / k`` over the same tokens routed by two checkpoints
     (OLMoE: an intermediate checkpoint vs the final one). ``[..., T, k]`` twice -> ``[...]``.

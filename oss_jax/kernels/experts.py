@@ -144,7 +144,7 @@ def expert_matmul(x_RI: jax.Array, w, e: jax.Array, dtype) -> jax.Array:
 
     ``w`` is dense ``[E, I, O]``, or MXFP4 ``(blocks [E, O, I/32, 16], scales [E, O, I/32])``
     decoded to ``dtype``. XLA's CPU backend copies a ``dynamic_slice`` out before a matmul reads
-    it. A whole large expert (66 MB in float32 at the 20b shape) copied from memory and read back
+    it. A whole large expert matrix (gate_up: 66 MB in float32 at the 20b shape) copied from memory and read back
     costs about 4x the matmul itself, while a slice of ``SLICE_BYTES`` stays in cache. So a large
     expert is taken a slice at a time: rows of ``I``, summed (dense); rows of ``O``, concatenated
     (packed). Small experts are one slice, a single matmul.
