@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -20,9 +21,15 @@ def cpu_name() -> str:
 
 
 def save(name: str, text: str) -> Path:
-    """Print a results table and write it to ``benchmarks/results/<name>``."""
+    """Print a results table and write it to ``benchmarks/results/<name>`` (a temporary file, then renamed:
+    an interrupted run leaves the previous result whole)."""
     print(text)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / name
-    out.write_text(text)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -256,10 +256,11 @@ def routing_entropy(router_logits: np.ndarray) -> np.ndarray:
     """Per-token entropy (nats) of the full router softmax: ``H = -sum_i p_i log p_i``, ``[..., E]`` -> ``[...]``.
 
     From ``log E`` (indifferent router) down to 0 (all mass on one expert). Over the full softmax
-    of the E logits, not gpt-oss's top-k gates (see :func:`gate_entropy`).
+    of the E logits, not gpt-oss's top-k gates (see :func:`gate_entropy`). A ``-inf`` logit (an expert
+    masked by ``prune.mask_experts``) has p = 0 and adds nothing.
     """
     logp = router_log_probs(router_logits)
-    return -np.sum(np.exp(logp) * logp, axis=-1)
+    return -np.sum(np.exp(logp) * np.where(np.isneginf(logp), 0, logp), axis=-1)
 
 
 def gate_entropy(gates: np.ndarray) -> np.ndarray:

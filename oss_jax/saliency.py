@@ -8,16 +8,19 @@
 Inputs are numpy arrays ``[L, T, k]`` (``Trace.expert_ids``, ``.gates``, ``.expert_norms``,
 ``.expert_max``; a batch axis ``[L, B, T, k]`` is flattened into the tokens). Padding tokens must
 be removed first (``Trace.valid``). :class:`SaliencyStats` accumulates the same metrics over the
-chunks of ``trace_chunks`` without keeping them.
+chunks of ``trace_chunks`` without keeping them; :func:`calibrate` fills one from a list of token
+sequences (a calibration set, as REAP prunes with).
 
 Shape letters: the legend in ``oss_jax/model.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-__all__ = ["SaliencyStats", "frequency", "reap_saliency", "super_experts"]
+__all__ = ["SaliencyStats", "calibrate", "frequency", "reap_saliency", "super_experts"]
 
 
 def _flat(x: np.ndarray, name: str) -> np.ndarray:
@@ -161,3 +164,31 @@ class SaliencyStats:
         """:func:`super_experts` of everything added."""
         self._check()
         return _super(self.max_LE, layers_fraction)
+
+
+def calibrate(model, sequences: Sequence[Sequence[int]], *, batch: int = 32, pad_to: int = 64) -> SaliencyStats:
+    """:class:`SaliencyStats` of ``model`` over token ``sequences`` (o200k ids, e.g. whole conversations).
+
+    Sequences are traced ``batch`` at a time (``trace(..., expert_outputs=True)``), each in its own row
+    from position 0, padded to a multiple of ``pad_to`` tokens with positions -1 (few compiled shapes);
+    padding is not counted. Every token counts, the system message's too.
+    """
+    from oss_jax.trace import trace
+
+    seqs = [list(map(int, s)) for s in sequences]
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("calibrate needs at least one sequence, and no empty one")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+        raise ValueError(f"pad_to must be an integer >= 1, got {pad_to!r}")
+    stats = SaliencyStats(model.config.num_experts)
+    for start in range(0, len(seqs), batch):
+        part = seqs[start:start + batch]
+        width = -(-max(map(len, part)) // pad_to) * pad_to
+        tokens = np.full((len(part), width), part[0][0], np.int64)  # a token the model knows; never read
+        positions = np.full(tokens.shape, -1, np.int32)
+        for row, s in enumerate(part):
+            tokens[row, :len(s)], positions[row, :len(s)] = s, np.arange(len(s))
+        stats.update(trace(model, tokens, positions=positions, sinks=False, residual=False, expert_outputs=True))
+    return stats

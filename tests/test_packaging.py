@@ -51,15 +51,16 @@ def wheel(tmp_path_factory) -> tuple[list[str], str]:
 
 
 def test_wheel_installs_only_oss_jax(wheel):
-    """No top-level ``convert`` package; every module (``oss_jax.kernels`` too) and the tiny model's data."""
+    """No top-level ``convert`` package; every module (``oss_jax.kernels`` too), the tiny model's data and the routes
+    prompt corpus."""
     names, _ = wheel
     top = {n.split("/")[0] for n in names}
     assert top == {"oss_jax", *(d for d in top if re.fullmatch(r"oss_jax-[\w.]+\.dist-info", d))}, top
     assert "oss_jax/convert.py" in names and "oss_jax/kernels/__init__.py" in names
     src = ROOT / "oss_jax"
     modules = {f"oss_jax/{p.relative_to(src)}" for p in src.rglob("*.py") if "__pycache__" not in p.parts}
-    data = {f"oss_jax/{p.relative_to(src)}" for p in (src / "tiny").rglob("*") if p.is_file()}
-    assert "oss_jax/tiny/model/model.safetensors" in data
+    data = {f"oss_jax/{p.relative_to(src)}" for d in ("tiny", "prompts") for p in (src / d).rglob("*") if p.is_file()}
+    assert "oss_jax/tiny/model/model.safetensors" in data and "oss_jax/prompts/routes.jsonl" in data
     assert not (modules | data) - set(names), sorted((modules | data) - set(names))
 
 
