@@ -1,5 +1,6 @@
 """oss-jax: OpenAI's gpt-oss models in JAX/Flax NNX, small enough to read."""
 
+from oss_jax import xla_flags  # noqa: F401  (first: before JAX starts a backend)
 from oss_jax.cache import KVCache
 from oss_jax.chat import chat
 from oss_jax.checkpoint import CheckpointError

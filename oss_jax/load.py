@@ -129,6 +129,10 @@ def save(model: GptOss, dst: str | os.PathLike, *, mxfp4: bool = True, float_dty
                          "the adapters alone with lora.save_adapters)")
     if model.layers[0].mlp.experts.packed:
         raise ValueError("save() writes models with dense experts (load with experts='dense')")
+    for i, block in enumerate(model.layers):  # prune.mask_experts: load would refuse the -inf it wrote
+        if not np.isfinite(np.asarray(block.mlp.router_bias_E[...], np.float32)).all():
+            raise ValueError(f"save() writes plain models: layer {i}'s router bias has -inf (experts masked by "
+                             "prune.mask_experts); save prune.prune_experts(model, drop) instead")
     dst = Path(dst)
     writes = ("config.json", "model.safetensors", "vocab.json")
 

@@ -10,8 +10,8 @@ blocks and scales, and the biases) and sets ``num_experts = E - n``. The router 
 and softmax over the experts that remain, which is REAP's renormalisation (arXiv:2510.13999).
 :func:`mask_experts` keeps all E experts but sets the dropped ones' router bias to ``-inf``, so no
 token picks them (top-k and the softmax then run over the rest): its logits equal the pruned model's.
-A masked model is for experiments: ``oss_jax.load`` refuses the ``-inf`` router bias that saving it
-would write; save a pruned one.
+A masked model is for experiments: ``oss_jax.save`` refuses it (``oss_jax.load`` would refuse the
+``-inf`` router bias); save a pruned one.
 
 ``drop`` names the experts to remove per layer: ``{layer: [experts]}`` (every layer must appear) or
 a list of L lists. The configuration has one ``num_experts``, so pruning drops the same number in

@@ -187,6 +187,13 @@ def test_pruned_saves_and_loads_in_transformers(dense, tmp_path):
     assert rel_err(want, hf_logits(theirs, TOKENS[None])) < 1e-4
 
 
+def test_masked_model_is_not_saved(dense, tmp_path):
+    # its -inf router bias would make a checkpoint that load refuses: save says what to do and writes nothing
+    with pytest.raises(ValueError, match=r"layer 0's router bias has -inf .* save prune.prune_experts"):
+        oss_jax.save(prune.mask_experts(dense, DROP), tmp_path / "masked")
+    assert not (tmp_path / "masked").exists()
+
+
 def test_lowest():
     scores = np.array([[3.0, 1.0, 2.0, 0.5], [0.0, 9.0, 0.0, 1.0]])
     assert prune.lowest(scores, 2) == [[1, 3], [0, 2]]
