@@ -245,11 +245,14 @@ def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, first
                  key: jax.Array, stop: jax.Array, steps: jax.Array, temperature, top_k, top_p, size: int,
                  greedy: bool):
     """The whole token loop on the device; stops early once every row has stopped."""
-    model = nnx.merge(graphdef, state)
     B = first_BV.shape[0]
 
     def body(carry):
         i, logits, cache, out, done, key = carry
+        # The weights are the same every step, so XLA would hoist their float32 conversions out of the loop and
+        # keep them all alive at once (4.5 GiB on gpt-oss-20b); tying them to the step number keeps each where it
+        # is used.
+        model = nnx.merge(graphdef, jax.lax.optimization_barrier((state, i))[0])
         tok, logits, cache, done, key = _step(model, cache, logits, key, done, stop, temperature, top_k, top_p,
                                               greedy)
         return i + 1, logits, cache, out.at[:, i].set(tok), done, key

@@ -42,9 +42,10 @@ from oss_jax.attention import Attention
 from oss_jax.cache import KVCache, LayerCache
 from oss_jax.checks import is_traced
 from oss_jax.config import Config
+from oss_jax.kernels import logits as kernels_logits
 from oss_jax.kernels.attention import NAIVE_MAX
 from oss_jax.kernels.experts import SLICE_BYTES, SORTED_TILE
-from oss_jax.layers import Packed, Recording, f32, param
+from oss_jax.layers import Packed, Recording, check_impl, f32, param
 from oss_jax.moe import Experts, MoE, swiglu
 from oss_jax.norm import RMSNorm
 from oss_jax.vocab import TokenMap
@@ -84,9 +85,10 @@ class GptOss(nnx.Module):
     - ``compiled_apply(graphdef, state, tokens, positions, cache=None, last_only=False)``: ``apply``
       compiled, as a function of ``nnx.split(model)`` (``generate``'s prefill calls it).
 
-    Reference or fast: ``Attention`` and ``Experts`` carry a static attribute ``impl``, ``"fast"``
-    by default (``oss_jax.kernels``) or ``"reference"`` (the plain math of ``attention.py`` and
-    ``moe.py``, which the kernels are tested equal to). One call sets it for the whole model::
+    Reference or fast: ``Attention``, ``Experts`` and the model itself (its unembedding) carry a static
+    attribute ``impl``, ``"fast"`` by default (``oss_jax.kernels``) or ``"reference"`` (the plain math of
+    ``attention.py``, ``moe.py`` and the unembedding's einsum, which the kernels are tested equal to). One
+    call sets it for the whole model::
 
         model.set_attributes(impl="reference")   # and back: model.set_attributes(impl="fast")
 
@@ -110,6 +112,7 @@ class GptOss(nnx.Module):
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
         self.unembed_VD = param((V, D), dtype, rngs)
+        self.impl = "fast"  # static: the unembedding's reference einsum or kernels.logits.unembed
         self.recording: Recording | None = None  # static: see Recording
         # Static. Set (by oss_jax.load) for a model whose vocabulary is a subset of o200k_harmony (the
         # bundled tiny model): model(), generate, chat and trace then take and return o200k ids (they
@@ -162,7 +165,10 @@ class GptOss(nnx.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        logits = jnp.einsum("btd,vd->btv", x, self.unembed_VD[...], preferred_element_type=f32)
+        if check_impl(self.impl) == "reference":
+            logits = jnp.einsum("btd,vd->btv", x, self.unembed_VD[...], preferred_element_type=f32)
+        else:  # the same, a slice of the vocabulary at a time (kernels.logits: bounded memory)
+            logits = kernels_logits.unembed(x, self.unembed_VD[...])
         if cache is not None:
             length = jnp.maximum(cache.length, jnp.max(positions_BT, axis=1) + 1)
             cache = KVCache(layers=new_layers, length=length)

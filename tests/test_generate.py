@@ -179,3 +179,35 @@ def test_long_prompt_blockwise_matches_transformers(model, hf_tiny):
     assert R.rel_err(np.asarray(model(seq)), ref) < 1e-4
     ours = generate(model, seq, max_new_tokens=4, prefill_chunk=1024)
     np.testing.assert_array_equal(ours, hf_generate(hf_tiny, [seq[0]], 4))
+
+
+def test_decode_loop_holds_no_more_than_one_step(monkeypatch):
+    """XLA compiles the token loop with the working memory of one step: the weights' float32 conversions are
+    not hoisted out of the loop (all layers' copies at once), and the unembedding is converted a slice at a
+    time (``kernels.logits``). Measured by XLA's memory analysis of both programs, on abstract weights in bf16
+    with a vocabulary large enough that its float32 copy would dominate."""
+    import importlib
+
+    import jax.numpy as jnp
+
+    from oss_jax.config import GPT_OSS_20B
+    from oss_jax.kernels import logits as fast_logits
+    from oss_jax.model import GptOss
+
+    G = importlib.import_module("oss_jax.generate")
+    monkeypatch.setattr(fast_logits, "SLICE_BYTES", 1 << 20)  # 20 slices of this vocabulary
+    cfg = GPT_OSS_20B.replace(num_hidden_layers=4, hidden_size=256, intermediate_size=256, num_experts=8,
+                              layer_types=GPT_OSS_20B.layer_types[:4], vocab_size=20000, quant_method="mxfp4")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GptOss(cfg, packed=True, dtype=jnp.bfloat16)))
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, 1, 256, jnp.bfloat16))
+    sds = jax.ShapeDtypeStruct
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    logits, stop, done = sds((1, cfg.vocab_size), np.float32), sds((1,), np.int32), sds((1,), bool)
+    step = G._decode_step.lower(graphdef, state, cache, logits, key, done, stop, 0.0, 0, 1.0, greedy=True)
+    loop = G._decode_loop.lower(graphdef, state, cache, logits, key, stop, sds((), np.int32), 0.0, 0, 1.0,
+                                size=8, greedy=True)
+    temp = {name: c.compile().memory_analysis().temp_size_in_bytes for name, c in (("step", step), ("loop", loop))}
+    weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
+    unembed_f32 = cfg.vocab_size * cfg.hidden_size * 4
+    assert temp["step"] < unembed_f32 / 4, temp  # not a whole float32 copy
+    assert temp["loop"] <= temp["step"] + (1 << 20), (temp, weights)  # the loop adds at most its carry

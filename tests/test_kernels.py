@@ -36,6 +36,7 @@ from oss_jax import mxfp4
 from oss_jax.attention import Attention
 from oss_jax.kernels import attention as fast
 from oss_jax.kernels import experts as expert_kernels
+from oss_jax.kernels import logits as fast_logits
 from oss_jax.kernels import mxfp4 as fast_mxfp4
 from oss_jax.model import GptOss
 from oss_jax.moe import Experts
@@ -273,8 +274,21 @@ def model() -> GptOss:
     return m
 
 
+# -- (d') the unembedding a vocabulary slice at a time ------------------------------------------
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("slice_bytes", [4 * 24 * 7, 4 * 24 * 50, 1 << 30])  # rows 7 (101 = 14*7 + 3), 50, all
+def test_sliced_unembedding_equals_the_einsum(dtype, slice_bytes):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, 24)), dtype)
+    w = jnp.asarray(rng.standard_normal((101, 24)), dtype)
+    want = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+    got = jax.jit(partial(fast_logits.unembed, slice_bytes=slice_bytes))(x, w)
+    assert got.shape == (2, 5, 101) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)  # |logits| ~ 5
+
+
 def impls(model: GptOss) -> set[str]:
-    return {n.impl for _, n in nnx.iter_graph(model) if isinstance(n, Attention | Experts)}
+    return {n.impl for _, n in nnx.iter_graph(model) if isinstance(n, Attention | Experts | GptOss)}
 
 
 def test_reference_and_fast_models_agree(model, monkeypatch):
@@ -300,6 +314,7 @@ def test_reference_and_fast_models_agree(model, monkeypatch):
         out[impl, "short"] = np.asarray(model(short))
         with monkeypatch.context() as mp:
             mp.setattr(fast, "NAIVE_MAX", 64)  # 37 x 37 keys, 8-token chunks x 16 or more keys: past it
+            mp.setattr(fast_logits, "SLICE_BYTES", 4 * CFG.hidden_size * 10)  # the unembedding in slices
             for kernel in (fast.blockwise, fast.blockwise_causal):
                 mp.setattr(fast, kernel.__name__, spy(kernel))
             out[impl, "long"] = np.asarray(model(long))

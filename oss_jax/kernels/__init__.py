@@ -20,6 +20,9 @@ model to the reference math (see ``oss_jax.model.GptOss``).
 * ``kernels.mxfp4`` (equals ``mxfp4.decode`` and ``mxfp4.matmul``): decoding that builds float32
   bit patterns instead of looking values up, and a matmul on the two nibble planes that never
   interleaves the decoded weight.
+* ``kernels.logits`` (equals the unembedding's einsum in ``GptOss.apply``): the logits a slice of
+  the vocabulary at a time, so XLA's CPU backend never holds a float32 copy of the whole
+  unembedding (2.2 GiB on gpt-oss).
 
 Shape letters: the legend in ``oss_jax/model.py``. Nothing here imports the modules that use it.
 """
