@@ -13,7 +13,13 @@ What it does, each phase timed and printed as it ends:
 3. decode at batch 1 and 32: ``oss_jax.generate`` (greedy, the whole token loop on the device)
    from 16-token prompts; tokens/s = B * (N - 1) / (t(generate) - t(its prefill)), medians of
    ``--reps`` calls after a first (compiling) call;
-4. prefill of ``--prefill`` tokens (batch 1) in chunks of ``--chunk``, as ``generate`` does;
+4. prefill of ``--prefill`` tokens (batch 1) in chunks of ``--chunk``, as ``generate`` does, under each
+   expert dispatch of ``--dispatches`` (default ``auto,sorted``: ``auto`` is the grouped matmul
+   ``ragged``, one ``jax.lax.ragged_dot`` per projection, on a GPU, and decode steps of fewer
+   token-expert pairs than experts are ``gather``; ``sorted`` is the loop over tiles of one expert
+   that the CPU uses, for comparison; if ragged is the slower, this XLA lowered ``ragged_dot`` as a
+   dense matmul over every expert rather than a grouped GEMM: try again with
+   ``XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true``, cuDNN's grouped matmul);
 5. peak device memory (``jax.Device.memory_stats()["peak_bytes_in_use"]``);
 6. the memory-bandwidth bound of SPEC.md §6: the bytes one decode step must read (bf16
    attention, router, norms and unembedding, the chosen experts' MXFP4 bytes, the KV cache) over
@@ -133,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=None, help="prefill tokens (default 8192; --tiny 512)")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (default 2048)")
     p.add_argument("--reps", type=int, default=2, help="steady calls per measurement (default 2)")
+    p.add_argument("--dispatches", default="auto,sorted",
+                   help="expert dispatches to time the prefill under (default auto,sorted; see kernels.experts)")
     p.add_argument("--bandwidth", type=float, default=None, help="HBM bandwidth in TB/s (default: by device)")
     p.add_argument("--hf", action="store_true", help="also transformers on the same device (CUDA torch)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="directory for the table")
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     N = args.new_tokens or (8 if args.tiny else 64)
     T = args.prefill or (512 if args.tiny else 8192)
     batches = [int(b) for b in args.batches.split(",")]
+    dispatches = [d.strip() for d in args.dispatches.split(",") if d.strip()]
 
     import jax
     import numpy as np
@@ -147,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     import oss_jax
     from oss_jax.cache import KVCache
     from oss_jax.config import GPT_OSS_20B
+    from oss_jax.kernels import experts as expert_kernels
     from oss_jax.model import compiled_apply
+
+    if unknown := [d for d in dispatches if d not in expert_kernels.MODES]:
+        p.error(f"--dispatches: unknown {', '.join(unknown)} (use {', '.join(expert_kernels.MODES)})")
 
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Software: Python {platform.python_version()}, jax {jax.__version__}; host {platform.node()}",
         f"- Model: {'random gpt-oss-20b shape' if not args.ckpt else args.ckpt}"
         f"{' (tiny config)' if args.tiny else ''}; bf16, MXFP4 experts packed (decoded on the fly); "
-        f"expert dispatch `auto`",
+        f"expert dispatch `auto` (what it runs: notes)",
         f"- Decode: {PROMPT}-token prompts, N = {N} new tokens, greedy; tokens/s = B * (N - 1) / "
         f"(t(generate) - t(its prefill)); median of {args.reps} calls after a first (compiling) one",
     ])
@@ -199,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
 
         rng = np.random.default_rng(0)
         V = cfg.vocab_size
+        pairs = {f"prefill chunks of {min(args.chunk, T)} tokens": min(args.chunk, T) * cfg.experts_per_token,
+                 **{f"decode batch {B}": B * cfg.experts_per_token for B in batches}}
+        report.notes.append(f"Expert dispatch `auto` on {expert_kernels.backend()} runs: " + ", ".join(
+            f"{expert_kernels.choose('auto', n, cfg.num_experts)} for the {what}" for what, n in pairs.items()) + ".")
 
         def prefill(toks, room):
             """generate's prefill: chunks into a cache of len + room positions; blocks on the logits."""
@@ -227,11 +244,16 @@ def main(argv: list[str] | None = None) -> int:
                 report.notes.append("Bytes per batch-1 decode step: " + ", ".join(
                     f"{k} {v / GB:.2f} GB" for k, v in parts.items()) + f"; total {need / GB:.2f} GB.")
 
-        # 4. prefill
+        # 4. prefill, under each dispatch
         toks = rng.integers(0, V, (1, T)).astype(np.int32)
-        first, steady = timed(lambda: prefill(toks, 1), args.reps)
-        report.add(f"prefill {T} tokens (tok/s)", f"{T / statistics.median(steady):,.0f}",
-                   f"chunks of {min(args.chunk, T)}; {statistics.median(steady):.2f} s; first call {first:.1f} s")
+        C = min(args.chunk, T)
+        for mode in dispatches:
+            model.set_attributes(dispatch=mode)
+            runs = expert_kernels.choose(mode, C * cfg.experts_per_token, cfg.num_experts)
+            first, steady = timed(lambda: prefill(toks, 1), args.reps)
+            report.add(f"prefill {T} tokens, dispatch {mode} (tok/s)", f"{T / statistics.median(steady):,.0f}",
+                       f"runs {runs}; chunks of {C}; {statistics.median(steady):.2f} s; first call {first:.1f} s")
+        model.set_attributes(dispatch="auto")
 
         # 5. memory
         try:

@@ -197,7 +197,7 @@ def _plan(args: argparse.Namespace) -> None:
     cfg = args.model if args.model in PRESETS else Config.from_json(args.model)
     mesh = _mesh(args.mesh) if args.mesh else args.devices
     print(plan(cfg, mesh, context=args.context, batch=args.batch, dtype=args.dtype, experts=args.experts,
-               chunk=args.prefill_chunk))
+               chunk=args.prefill_chunk, device=args.device))
 
 
 def _mesh(text: str) -> tuple[int, int, int]:
@@ -229,7 +229,7 @@ def _train(args: argparse.Namespace) -> None:
 def _finetune(args: argparse.Namespace) -> None:
     from oss_jax import finetune
 
-    given = {k: getattr(args, k) for k in ("steps", "batch", "rank", "alpha", "lr", "targets", "seed")}
+    given = {k: getattr(args, k) for k in ("steps", "batch", "rank", "alpha", "lr", "targets", "seed", "split_digits")}
     fc = finetune.FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
     finetune.finetune(args.model, args.data, args.out, fc, dtype=args.dtype, progress=not args.no_progress)
     print(f"fine-tuned: adapters in {args.out}/adapters (load with oss_jax.lora.load_adapters)")
@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--lr", type=_float_in(0.0, 1.0, lo_open=True), help="peak learning rate (default 1e-3)")
     ft.add_argument("--targets", help="comma-separated: attn (or q,k,v,o), experts, router (default attn)")
     ft.add_argument("--seed", type=ID, help="adapter initialisation and data order (default 0)")
+    ft.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=None,
+                    help="write the reply's numbers one token per digit, as the bundled model was trained (default: "
+                         "on for a model with a token map, off for an o200k model)")
     ft.add_argument("--no-progress", action="store_true")
     ft.set_defaults(func=_finetune)
 
@@ -364,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     pl.add_argument("--experts", default="packed", choices=["packed", "dense"])
     pl.add_argument("--prefill-chunk", type=COUNT, default=512)
+    pl.add_argument("--device", default="gpu", choices=["gpu", "tpu", "cpu"],
+                    help="what runs it: a GPU/TPU prefill holds a layer's experts decoded (default gpu)")
     pl.set_defaults(func=_plan)
 
     ro = sub.add_parser("routes", help="routing report of a prompt corpus: metrics.json, figures, report.md",

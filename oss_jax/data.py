@@ -14,7 +14,18 @@ sort       ``Sort these numbers from smallest to largest: 42, 7, 19.`` ``7, 19, 
 reverse    ``Reverse the letters: p l a n e t``                        ``t e n a l p``
 count      ``How many times does cat appear in: dog cat bird cat?``    ``2``
 lookup     ``Ana has 3 figs. Ben has 8 pears. How many pears ...?``    ``8``
+sub        ``What is 885-347?`` (0 <= b <= a <= 999)                   ``538``
 =========  ==========================================================  ===================
+
+``sub`` (in ``NEW_FAMILIES``, not in ``FAMILIES``) is a family the bundled model never saw: the task of
+``oss_jax.finetune`` 's LoRA experiment (``benchmarks/finetune_new_family.py``, notebook 13). It is written
+in the bundled model's own vocabulary, since LoRA cannot add tokens: the question's minus is o200k's ``-``
+token without a space (``" -"`` is not in the vocabulary). The reply uses only tokens the model was trained
+to *write*: ``-`` is not one of them (it occurs only in the system message, "2024-06", so its output row was
+never a target; a first try at ``15-7-0 = 8`` taught the model to write " digits" there), so each column
+is written as the sum it checks, in the order of an addition's column: ``15 is 7 + 0 + 8`` (the top digit,
+10 more when it borrows, is the bottom digit plus the borrow plus the difference), and a borrow is called a
+``carry`` ("borrow" is not in the vocabulary). ``ALL_FAMILIES`` is both.
 
 Determinism: ``example(seed, index)`` depends on nothing else, so a training run can regenerate
 batch ``i`` after a restart. Held-out split by construction: each question has a *key* (the pair
@@ -49,6 +60,10 @@ FAMILIES = ("add", "sort", "reverse", "count", "lookup")
 MIX = {"add": 0.8, "sort": 0.05, "reverse": 0.05, "count": 0.05, "lookup": 0.05}
 EFFORTS = ("low", "medium", "high")
 HELDOUT_PERCENT = 10
+# Families outside the bundled model's training recipe (never drawn by ``example``'s default mix): new
+# tasks to teach it by fine-tuning. ``make`` and ``evaluate`` take them like the others.
+NEW_FAMILIES = ("sub",)
+ALL_FAMILIES = (*FAMILIES, *NEW_FAMILIES)
 
 WORDS = ("apple", "bread", "cloud", "dance", "eagle", "flame", "grape", "house", "island", "jelly",
          "kite", "lemon", "mango", "night", "ocean", "piano", "queen", "river", "stone", "tiger",
@@ -155,11 +170,29 @@ def _lookup(rng: np.random.Generator):
     return (*names, *items, *counts, j), q, {"low": "", "medium": medium, "high": high}, str(counts[j])
 
 
-_MAKERS: dict[str, Callable] = {"add": _add, "sort": _sort, "reverse": _reverse, "count": _count, "lookup": _lookup}
+def _sub(rng: np.random.Generator):
+    b, a = sorted(int(x) for x in rng.integers(0, 1000, 2))  # a >= b: the difference is never negative
+    pa, pb = f"{a:03d}", f"{b:03d}"
+    steps, borrow = [], 0
+    for col, name in zip(range(2, -1, -1), ("Ones", "Tens", "Hundreds"), strict=True):
+        x, y = int(pa[col]), int(pb[col])
+        top = x + 10 if x - y - borrow < 0 else x  # borrow ten from the next column when the digit is too small
+        d = top - y - borrow
+        steps.append(f"{name}: {top} is {y} + {borrow} + {d}, write {d} carry {int(top > x)}.")
+        borrow = int(top > x)
+    diff = a - b
+    high = f"Pad to three digits: {pa} and {pb}. " + " ".join(steps) + f" Result: {diff}."
+    medium = f"Column by column from the right, with carries: the answer is {diff}."
+    return (a, b), f"What is {a}-{b}?", {"low": "", "medium": medium, "high": high}, str(diff)
+
+
+_MAKERS: dict[str, Callable] = {"add": _add, "sort": _sort, "reverse": _reverse, "count": _count, "lookup": _lookup,
+                                "sub": _sub}
 
 
 def make(family: str, effort: str, rng: np.random.Generator, heldout: bool = False) -> Example:
-    """One example of ``family`` at ``effort`` from the requested split (rejection sampling)."""
+    """One example of ``family`` (any of ``ALL_FAMILIES``) at ``effort`` from the requested split (rejection
+    sampling)."""
     if family not in _MAKERS or effort not in EFFORTS:
         raise ValueError(f"unknown family {family!r} or effort {effort!r}")
     while True:
@@ -170,11 +203,15 @@ def make(family: str, effort: str, rng: np.random.Generator, heldout: bool = Fal
 
 def example(seed: int, index: int, heldout: bool = False, effort: str | None = None,
             mix: dict[str, float] | None = None) -> Example:
-    """Example number ``index`` of the stream ``seed``: family by ``mix`` (default ``MIX``), effort
-    uniform unless given."""
+    """Example number ``index`` of the stream ``seed``: family by ``mix`` (default ``MIX``; a mix may name
+    ``NEW_FAMILIES`` too, e.g. ``{"sub": 1.0}``), effort uniform unless given."""
     rng = np.random.default_rng([seed, index, int(heldout)])
     mix = MIX if mix is None else mix
-    family = FAMILIES[int(rng.choice(len(FAMILIES), p=[mix[f] for f in FAMILIES]))]
+    if unknown := sorted(set(mix) - set(ALL_FAMILIES)):
+        raise ValueError(f"unknown family {unknown[0]!r} in mix: use {', '.join(ALL_FAMILIES)}")
+    # FAMILIES alone when the mix names no new family: the stream the bundled model was trained on is unchanged
+    names = ALL_FAMILIES if any(mix.get(f, 0) for f in NEW_FAMILIES) else FAMILIES
+    family = names[int(rng.choice(len(names), p=[mix.get(f, 0.0) for f in names]))]
     drawn = EFFORTS[int(rng.integers(len(EFFORTS)))]
     return make(family, effort or drawn, rng, heldout)
 
@@ -195,8 +232,8 @@ def split_digits(ids: list[int]) -> list[int]:
 
 
 # The families in which the assistant writes one token per digit; elsewhere it writes o200k's own
-# tokens (copying "42" from the question is then copying one token). The bundled model: all.
-SPLIT_FAMILIES = FAMILIES
+# tokens (copying "42" from the question is then copying one token). The bundled model: all (and the new ones).
+SPLIT_FAMILIES = ALL_FAMILIES
 
 
 def assistant_tokens(text: str, family: str | None = None) -> list[int]:

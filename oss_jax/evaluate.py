@@ -42,7 +42,8 @@ class Cell:
 
 def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: Sequence[str] = data.FAMILIES,
              efforts: Sequence[str] = data.EFFORTS, keep_examples: int = 3) -> list[Cell]:
-    """Ask ``per_cell`` held-out questions of every family at every effort (greedy).
+    """Ask ``per_cell`` held-out questions of every family at every effort (greedy). ``families`` may name
+    ``data.NEW_FAMILIES`` too (``("sub",)``: the fine-tuning experiment's family).
 
     Returns one :class:`Cell` per (family, effort), with up to ``keep_examples`` transcripts.
     """
@@ -54,13 +55,13 @@ def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: S
         raise ValueError(f"per_cell must be an integer >= 1, got {per_cell!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    for name, given, known in (("family", families, data.FAMILIES), ("effort", efforts, data.EFFORTS)):
+    for name, given, known in (("family", families, data.ALL_FAMILIES), ("effort", efforts, data.EFFORTS)):
         if unknown := [x for x in given if x not in known]:
             raise ValueError(f"unknown {name} {unknown[0]!r}: use {', '.join(known)}")
     cells = []
     for family in families:
         for effort in efforts:
-            rng = np.random.default_rng([seed, data.FAMILIES.index(family), data.EFFORTS.index(effort)])
+            rng = np.random.default_rng([seed, data.ALL_FAMILIES.index(family), data.EFFORTS.index(effort)])
             exs = [data.make(family, effort, rng, heldout=True) for _ in range(per_cell)]
             out = generate(model, [harmony.render(ex.question, effort) for ex in exs], max_new_tokens=MAX_NEW[effort],
                            temperature=0.0, stop_tokens=harmony.STOP_TOKENS)

@@ -16,7 +16,12 @@ Tokens: the prompt (everything before the reply) is ``harmony.render(messages, e
 what ``chat`` gives the model; the reply is rendered by openai-harmony for training (its last
 ``<|end|>`` is ``<|return|>``, where generation stops). The loss is the cross-entropy of the reply's
 tokens only. A model with a token map (the bundled tiny model) gets its own ids: a token it does
-not know is refused with the line it is on.
+not know is refused with the line it is on. The reply is tokenized as the model writes: the bundled
+model was trained to write numbers one token per digit (``oss_jax.data.split_digits``), so with
+``FinetuneConfig.split_digits`` None (the default) a model with a token map gets the reply's multi-digit
+o200k tokens ("347") split into digits ("3", "4", "7"), and a model without one (a real gpt-oss) o200k's
+own; True or False forces it (``--split-digits`` / ``--no-split-digits``). The prompt is never split:
+``chat`` does not split it either.
 
 Training: LoRA adapters (``oss_jax.lora``) on the targets, AdamW (optax) with a linear warmup then a
 constant rate, global-norm clipping. Only the adapters are differentiated; the base weights are
@@ -53,6 +58,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from oss_jax import boundary, harmony, lora
+from oss_jax.data import split_digits as split_digit_tokens
 from oss_jax.model import GptOss, Recording
 from oss_jax.train import read_metrics
 
@@ -79,9 +85,12 @@ class FinetuneConfig:
     seed: int = 0  # adapters' initialisation and the order of the conversations
     checkpoint_every: int = 50
     log_every: int = 1
+    split_digits: bool | None = None  # the reply one token per digit; None: when the model has a token map
 
     def __post_init__(self) -> None:
         """Refuse values that would train nothing or diverge at once; one line naming the field."""
+        if self.split_digits is not None and not isinstance(self.split_digits, bool):
+            raise ValueError(f"FinetuneConfig.split_digits must be True, False or None, got {self.split_digits!r}")
         for name, least in (("steps", 1), ("batch", 1), ("rank", 1), ("warmup", 0), ("seed", 0),
                             ("checkpoint_every", 1), ("log_every", 1)):
             value = getattr(self, name)
@@ -100,6 +109,11 @@ class FinetuneConfig:
     def lora(self) -> lora.LoraConfig:
         """The adapters' configuration."""
         return lora.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, seed=self.seed)
+
+    def splits_digits(self, model: GptOss) -> bool:
+        """Whether ``model`` is trained on replies one token per digit: ``split_digits``, or when None, whether
+        the model has a token map (a small model trained by oss_jax, which writes numbers digit by digit)."""
+        return model.token_map is not None if self.split_digits is None else self.split_digits
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -176,9 +190,10 @@ def read_conversations(path: str | os.PathLike) -> list[Conversation]:
     return out
 
 
-def model_ids(model: GptOss, conv: Conversation) -> list[int]:
-    """The conversation's prompt + reply in the model's ids (through its token map, strictly)."""
-    ids = conv.prompt + conv.reply
+def model_ids(model: GptOss, conv: Conversation, split_digits: bool = False) -> list[int]:
+    """The conversation's prompt + reply in the model's ids (through its token map, strictly); ``split_digits``:
+    the reply's multi-digit tokens split into one token per digit first (``oss_jax.data.split_digits``)."""
+    ids = conv.prompt + (split_digit_tokens(conv.reply) if split_digits else conv.reply)
     tmap = model.token_map
     if tmap is None:
         return ids
@@ -298,9 +313,12 @@ def finetune(model: str | os.PathLike | GptOss, data: str | os.PathLike, out: st
     if not boundary.reads_harmony(model):
         raise ValueError(f"this model's vocabulary has {model.config.vocab_size} tokens; fine-tuning on "
                          f"conversations needs the harmony tokens (an o200k_harmony model or a token map)")
-    rows = [(model_ids(model, c), len(c.prompt)) for c in conversations]
+    split = fc.splits_digits(model)
+    rows = [(model_ids(model, c, split), len(c.prompt)) for c in conversations]
     seq_len = max(len(ids) for ids, _ in rows) - 1
-    setup = {"finetune": json.loads(json.dumps(dataclasses.asdict(fc))), "model": source,
+    # split_digits as resolved for this model: None and True train the bundled model alike, and resume each other
+    settings = {**dataclasses.asdict(fc), "split_digits": split}
+    setup = {"finetune": json.loads(json.dumps(settings)), "model": source,
              "base": lora.base_shape(model.config), "data": {"sha256": digest, "conversations": len(rows)}}
     saved = out / CONFIG_FILE
     if saved.exists():
@@ -390,6 +408,8 @@ def _same_setup(saved: Path, setup: dict) -> None:
         before = json.loads(saved.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{saved}: not valid JSON ({e})") from None
+    if isinstance(before, dict) and isinstance(before.get("finetune"), dict):
+        before["finetune"].setdefault("split_digits", False)  # a run from before the setting never split digits
     if before == setup:
         return
     for part in setup:

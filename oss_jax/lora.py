@@ -12,9 +12,10 @@ Targets (``LoraConfig.targets``):
   ``A1 [E, D, r]``, ``B1 [E, r, 2F]``, ``A2 [E, F, r]``, ``B2 [E, r, D]`` (:class:`ExpertsLora`, on
   ``Experts.lora``). The update is added inside whichever path runs: ``Experts.reference`` and
   ``Experts.ffn``, the step of every fast dispatch loop (gather, sorted, scan) and of expert
-  parallelism. The experts' weights are not touched: MXFP4 experts stay packed bytes (not
-  parameters), decoded one expert at a time as in inference, and gradients reach the adapters
-  through the decoded matmuls. No dense copy of the experts is made.
+  parallelism, and ``Experts.grouped`` (the ragged dispatch, adapters as ``ragged_dot`` too). The
+  experts' weights are not touched: MXFP4 experts stay packed bytes (not parameters), decoded one
+  expert at a time as in inference (all of them at once, transiently, by ragged), and gradients reach
+  the adapters through the decoded matmuls. No dense copy of the experts is kept.
 - ``"router"``: the router's logits (:class:`RouterLora`, on ``MoE.lora``).
 
 A model without adapters has ``lora = None`` on those modules: nothing is traced, and its compiled
@@ -172,8 +173,9 @@ class RouterLora(nnx.Module):
 
 class ExpertsLora(nnx.Module):
     """Per-expert adapters: ``h += scale * x A1[e] B1[e]`` (``A1_EDr``, ``B1_ErF2``) and ``y += scale *
-    swiglu(h) A2[e] B2[e]`` (``A2_EFr``, ``B2_ErD``), for the expert ``e`` that runs (``Experts.ffn``), or
-    for every expert at once (``Experts.reference``)."""
+    swiglu(h) A2[e] B2[e]`` (``A2_EFr``, ``B2_ErD``), for the expert ``e`` that runs (``Experts.ffn``), for
+    rows grouped by expert (``sizes``: ``Experts.grouped``, each product a ``ragged_dot``), or for every
+    expert at once (``Experts.reference``)."""
 
     def __init__(self, cfg: Config, lc: LoraConfig, rng: np.random.Generator):
         E, D, F, r = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, lc.rank
@@ -183,18 +185,23 @@ class ExpertsLora(nnx.Module):
         self.A2_EFr = _normal(rng, (E, F, r), F)
         self.B2_ErD = _zeros((E, r, D))
 
-    def gate_up(self, x: jax.Array, e: jax.Array | None = None) -> jax.Array:
-        """The update of ``h``: rows ``x [R, D]`` of expert ``e`` -> ``[R, 2F]``; ``e`` None: every expert,
-        ``x [X, D]`` -> ``[X, E, 2F]``. In ``x``'s dtype."""
-        return self._per_expert(x, self.A1_EDr[...], self.B1_ErF2[...], e)
+    def gate_up(self, x: jax.Array, e: jax.Array | None = None, sizes: jax.Array | None = None) -> jax.Array:
+        """The update of ``h``: rows ``x [R, D]`` of expert ``e`` -> ``[R, 2F]``; ``sizes [E]``: rows ``x [P, D]``
+        sorted by expert, ``sizes[e]`` of expert ``e`` -> ``[P, 2F]``; neither: every expert, ``x [X, D]`` ->
+        ``[X, E, 2F]``. In ``x``'s dtype."""
+        return self._per_expert(x, self.A1_EDr[...], self.B1_ErF2[...], e, sizes)
 
-    def down(self, s: jax.Array, e: jax.Array | None = None) -> jax.Array:
-        """The update of ``y``: ``swiglu(h)`` rows ``s [R, F]`` of expert ``e`` -> ``[R, D]``; ``e`` None:
-        ``s [X, E, F]`` -> ``[X, E, D]``."""
-        return self._per_expert(s, self.A2_EFr[...], self.B2_ErD[...], e)
+    def down(self, s: jax.Array, e: jax.Array | None = None, sizes: jax.Array | None = None) -> jax.Array:
+        """The update of ``y``: ``swiglu(h)`` rows ``s [R, F]`` of expert ``e`` -> ``[R, D]``; ``sizes``: rows
+        ``s [P, F]`` grouped as in :meth:`gate_up`; neither: ``s [X, E, F]`` -> ``[X, E, D]``."""
+        return self._per_expert(s, self.A2_EFr[...], self.B2_ErD[...], e, sizes)
 
-    def _per_expert(self, x: jax.Array, A_EIr: jax.Array, B_ErO: jax.Array, e: jax.Array | None) -> jax.Array:
+    def _per_expert(self, x: jax.Array, A_EIr: jax.Array, B_ErO: jax.Array, e: jax.Array | None,
+                    sizes: jax.Array | None = None) -> jax.Array:
         scale = self.config.scale
+        if sizes is not None:  # float32, as _update
+            u_Pr = jax.lax.ragged_dot(x.astype(f32), A_EIr.astype(f32), sizes)
+            return (scale * jax.lax.ragged_dot(u_Pr, B_ErO.astype(f32), sizes)).astype(x.dtype)
         if e is not None:
             return _update(x, row(A_EIr, e), row(B_ErO, e), scale)
         if x.ndim == 2:  # the same rows for every expert

@@ -8,7 +8,8 @@ Read top to bottom: :func:`swiglu`, :class:`Experts` (the weights, and :meth:`Ex
 the mixture as plain math), :class:`MoE` (the router, then the experts).
 
 By default (``impl="fast"``) ``Experts`` computes the same mixture with ``oss_jax.kernels.experts``,
-which applies only the chosen experts, one at a time; ``impl="reference"`` uses ``reference``.
+which applies only the chosen experts, one at a time (or, on a GPU, to all their tokens at once as
+grouped matmuls: :meth:`Experts.grouped`); ``impl="reference"`` uses ``reference``.
 
 Shape letters: the legend in ``oss_jax/model.py`` (X: the tokens of a batch, flattened).
 """
@@ -42,8 +43,10 @@ class Experts(nnx.Module):
 
     Static attributes:
       impl: ``"fast"`` (default): ``kernels.experts``; ``"reference"``: :meth:`reference`.
-      dispatch: which fast loop: ``"auto"``, ``"gather"``, ``"sorted"`` or ``"scan"`` (see
-        ``kernels.experts``), or ``"dense"``: :meth:`reference` (every expert on every token).
+      dispatch: which fast loop: ``"auto"``, ``"gather"``, ``"sorted"``, ``"ragged"`` (:meth:`grouped`)
+        or ``"scan"`` (see ``kernels.experts``), or ``"dense"``: :meth:`reference` (every expert on every token).
+      native: packed weights on the CPU through the native MXFP4 kernel (``oss_jax.kernels.native``):
+        ``"auto"`` (default: when it is built), ``True`` or ``False`` (XLA decodes them).
       mesh: set by ``oss_jax.sharding.shard``: the mixture then runs expert-parallel.
 
     ``lora``: None, or per-expert low-rank adapters (``oss_jax.lora.ExpertsLora``, set by ``lora.add``)
@@ -68,6 +71,7 @@ class Experts(nnx.Module):
         self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
         self.impl = "fast"
         self.dispatch = "auto"
+        self.native = "auto"
         self.mesh: jax.sharding.Mesh | None = None
         self.lora = nnx.data(None)  # None: no adapters, nothing traced (see oss_jax.lora)
 
@@ -110,7 +114,8 @@ class Experts(nnx.Module):
         """``__call__`` on this module's own experts, in float32 (expert-parallel devices sum these)."""
         if check_impl(self.impl) == "reference" or self.dispatch == "dense":
             return self.reference(x_XD, idx_Xk, gates_Xk)
-        return fast.mix(self.ffn, self.gate_up_bias_EF2.shape[0], x_XD, idx_Xk, gates_Xk, self.dispatch)
+        return fast.mix(self.ffn, self.gate_up_bias_EF2.shape[0], x_XD, idx_Xk, gates_Xk, self.dispatch,
+                        grouped=self.grouped)
 
     def ffn(self, e: jax.Array, x_RD: jax.Array) -> jax.Array:
         """Expert ``e`` (a traced scalar) on rows ``x [R, D]`` -> ``[R, D]`` float32: the step of the
@@ -120,14 +125,40 @@ class Experts(nnx.Module):
             w2 = self.down_blocks[...], self.down_scales[...]
         else:
             w1, w2 = self.gate_up_EDF2[...], self.down_EFD[...]
-        h = fast.expert_matmul(x_RD, w1, e, self.dtype) + fast.row(self.gate_up_bias_EF2[...], e)
+        h = fast.expert_matmul(x_RD, w1, e, self.dtype, self.native) + fast.row(self.gate_up_bias_EF2[...], e)
         if self.lora is not None:
             h = h + self.lora.gate_up(x_RD, e)
         s = swiglu(h, self.limit, self.alpha)
-        y = fast.expert_matmul(s, w2, e, self.dtype)
+        y = fast.expert_matmul(s, w2, e, self.dtype, self.native)
         if self.lora is not None:
             y = y + self.lora.down(s, e)
         return (y + fast.row(self.down_bias_ED[...], e)).astype(f32)
+
+    def grouped(self, x_PD: jax.Array, e_P: jax.Array, sizes_E: jax.Array) -> jax.Array:
+        """:meth:`ffn` on every expert at once: rows ``x [P, D]`` sorted by expert, ``sizes[e]`` rows of
+        expert ``e`` (``e [P]``: each row's expert, for the biases), rows past ``sum(sizes)`` in no group
+        (their outputs are meaningless) -> ``[P, D]`` float32. The step of the ``"ragged"`` dispatch.
+
+        Each projection is one ``jax.lax.ragged_dot`` over the stacked ``[E, in, out]`` weights (adapters
+        too: ``ExpertsLora`` with ``sizes``). Packed weights are decoded whole to ``dtype`` first
+        (``kernels.mxfp4.decode``, the same bits as :meth:`ffn`'s): a transient copy of every expert.
+        """
+        if self.packed:
+            decode = fast_mxfp4.decode
+            w1 = jnp.swapaxes(decode(self.gate_up_blocks[...], self.gate_up_scales[...], self.dtype), -1, -2)
+            w2 = jnp.swapaxes(decode(self.down_blocks[...], self.down_scales[...], self.dtype), -1, -2)
+        else:
+            w1, w2 = self.gate_up_EDF2[...], self.down_EFD[...]
+        dt = jnp.result_type(x_PD, w1)
+        h = jax.lax.ragged_dot(x_PD.astype(dt), w1.astype(dt), sizes_E) + self.gate_up_bias_EF2[...][e_P]
+        if self.lora is not None:
+            h = h + self.lora.gate_up(x_PD, sizes=sizes_E)
+        s = swiglu(h, self.limit, self.alpha)
+        dt = jnp.result_type(s, w2)
+        y = jax.lax.ragged_dot(s.astype(dt), w2.astype(dt), sizes_E)
+        if self.lora is not None:
+            y = y + self.lora.down(s, sizes=sizes_E)
+        return (y + self.down_bias_ED[...][e_P]).astype(f32)
 
 
 class MoE(nnx.Module):

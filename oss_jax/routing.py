@@ -19,10 +19,16 @@ Every accumulated quantity equals the one computed in one shot over the concaten
 Memory (L layers, E experts, n distinct token ids, G groups): ``(L E)^2`` int64 for co-activation
 and cross-layer counts (4.7 MB for 20b), ``n L E`` int32 per-token-id counts (3 MB per 1000 ids
 for 20b; restrict with ``vocab_layers``), ``G L E`` for groups, plus one chunk's temporaries.
+
+Routing drift (:func:`routing_drift`): how fine-tuning moved the routers. Two models (before and after)
+read the same token sequences; per layer, :class:`RoutingDrift` holds the expert-load distribution of
+each, their Jensen-Shannon divergence, the experts whose share grew most, and the share of tokens whose
+top-k set changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -437,3 +443,117 @@ class SinkStats:
         """``(edges [P + 1], mean over heads [L, P])`` (as ``metrics.sink_mass_by_position``)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.edges, self.sum_LP / self.count_P
+
+
+# -- routing drift: the same tokens through two models -------------------------------------------------------
+@dataclasses.dataclass
+class RoutingDrift:
+    """How routing moved between two models on the same tokens (``L`` layers, ``E`` experts).
+
+    Attributes:
+      load_before, load_after: float ``[L, E]``: the share of the tokens' expert slots each expert took.
+      js: float ``[L]``: Jensen-Shannon divergence (bits, 0 to 1) between the two loads.
+      grew: int ``[L, n]``: the ``n`` experts whose share grew most, most first (ties: lower id first).
+      growth: float ``[L, n]``: their share after minus before.
+      changed: float ``[L]``: the fraction of tokens whose set of top-k experts is not the same.
+      kept: float ``[L]``: the mean share of a token's k experts that both models chose
+        (``metrics.router_saturation``: 1 = no change).
+      tokens: the number of tokens compared.
+    """
+
+    load_before: np.ndarray
+    load_after: np.ndarray
+    js: np.ndarray
+    grew: np.ndarray
+    growth: np.ndarray
+    changed: np.ndarray
+    kept: np.ndarray
+    tokens: int
+
+    @property
+    def changed_overall(self) -> float:
+        """The fraction of (token, layer) top-k choices that changed (every layer sees the same tokens)."""
+        return float(np.mean(self.changed))
+
+    def table(self) -> str:
+        """A markdown table, one row per layer."""
+        lines = ["| layer | JS (bits) | top-k changed | experts kept | grew most (share before -> after) |",
+                 "|---|---|---|---|---|"]
+        for layer in range(len(self.js)):
+            grew = ", ".join(f"{e} ({self.load_before[layer, e]:.1%} -> {self.load_after[layer, e]:.1%})"
+                             for e in self.grew[layer])
+            lines.append(f"| {layer} | {self.js[layer]:.4f} | {self.changed[layer]:.1%} | {self.kept[layer]:.1%} | "
+                         f"{grew} |")
+        return "\n".join(lines)
+
+
+def drift(expert_ids_before: np.ndarray, expert_ids_after: np.ndarray, num_experts: int, *,
+          valid: np.ndarray | None = None, top: int = 3) -> RoutingDrift:
+    """:class:`RoutingDrift` from two routings of the same tokens: int ``[L, ..., k]`` each (``[L, T, k]``, or
+    ``[L, B, T, k]`` from a batched trace); ``valid`` bool ``[...]`` (``[T]`` or ``[B, T]``): tokens to count."""
+    a, b = np.asarray(expert_ids_before), np.asarray(expert_ids_after)
+    if a.shape != b.shape or a.ndim < 3:
+        raise ValueError(f"drift needs two routings [L, T, k] of the same tokens, got shapes {a.shape} and {b.shape}")
+    L, k = a.shape[0], a.shape[-1]
+    a, b = a.reshape(L, -1, k), b.reshape(L, -1, k)
+    mask = np.ones(a.shape[1], bool) if valid is None else np.asarray(valid, bool).reshape(-1)
+    if mask.shape[0] != a.shape[1]:
+        raise ValueError(f"valid: expected {a.shape[1]} tokens, got {mask.shape[0]}")
+    a, b = a[:, mask], b[:, mask]
+    if not 1 <= top <= num_experts:
+        raise ValueError(f"top must be in [1, {num_experts}], got {top}")
+    before, after = M.load_fractions(M.expert_counts(a, num_experts)), M.load_fractions(M.expert_counts(b, num_experts))
+    delta = after - before
+    grew = np.argsort(-delta, axis=-1, kind="stable")[:, :top]
+    T = a.shape[1]
+    changed = np.any(np.sort(a, -1) != np.sort(b, -1), -1).mean(-1) if T else np.full(L, np.nan)
+    return RoutingDrift(before, after, M.js_divergence(before, after), grew, np.take_along_axis(delta, grew, -1),
+                        changed, M.router_saturation(a, b) if T else np.full(L, np.nan), T)
+
+
+def routing_drift(before, after, sequences: Sequence[Sequence[int]], *, select: Sequence[np.ndarray] | None = None,
+                  batch: int = 16, top: int = 3) -> RoutingDrift:
+    """Trace the same ``sequences`` (o200k ids, as ``trace`` takes them) through two models and compare
+    their routing (:func:`drift`).
+
+    Args:
+      before, after: two ``GptOss`` of the same shape (e.g. the base model and the fine-tuned one, adapters
+        included); neither is modified.
+      sequences: token sequences of any lengths, read whole (teacher forcing): both models see exactly the
+        same inputs, so every difference comes from the weights.
+      select: per sequence, a bool array of its length: the tokens to count (e.g. the reply's); default all.
+      batch: sequences per traced batch (padded to the longest sequence: one compiled shape per model).
+      top: how many of the most-grown experts to keep per layer.
+    """
+    from oss_jax.trace import trace
+
+    seqs = [np.asarray(s, np.int64).reshape(-1) for s in sequences]
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("routing_drift needs at least one sequence, and no empty one")
+    for name, model in (("before", before), ("after", after)):
+        cfg = model.config
+        if (cfg.num_hidden_layers, cfg.num_experts, cfg.experts_per_token) != (
+                before.config.num_hidden_layers, before.config.num_experts, before.config.experts_per_token):
+            raise ValueError(f"routing_drift: {name} has {cfg.num_hidden_layers} layers of {cfg.num_experts} experts "
+                             f"(top-{cfg.experts_per_token}), unlike the other model")
+    if select is not None:
+        if len(select) != len(seqs) or any(np.shape(m) != s.shape for m, s in zip(select, seqs, strict=False)):
+            raise ValueError("routing_drift: select needs one bool array per sequence, of its length")
+    width = max(len(s) for s in seqs)
+    pad = int(seqs[0][0])  # any token the models know: padding is masked by its position -1
+    ids_a, ids_b, valid = [], [], []
+    for start in range(0, len(seqs), batch):
+        group = seqs[start:start + batch]
+        tokens = np.full((batch, width), pad, np.int64)
+        positions = np.full((batch, width), -1, np.int64)
+        keep = np.zeros((batch, width), bool)
+        for i, s in enumerate(group):
+            tokens[i, :len(s)], positions[i, :len(s)] = s, np.arange(len(s))
+            keep[i, :len(s)] = True if select is None else np.asarray(select[start + i], bool)
+        positions[len(group):, 0] = 0  # a padding row still needs one position (trace refuses an all -1 batch)
+        for model, out in ((before, ids_a), (after, ids_b)):
+            t = trace(model, tokens, positions=positions, router=True, sinks=False, residual=False)
+            out.append(t.expert_ids)  # [L, B, T, k]
+        valid.append(keep)
+    return drift(np.concatenate(ids_a, 1), np.concatenate(ids_b, 1), before.config.num_experts,
+                 valid=np.concatenate(valid), top=top)

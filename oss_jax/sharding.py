@@ -418,7 +418,7 @@ def _parameters(cfg: Config, packed: bool, dtype: jnp.dtype) -> list[tuple[tuple
 
 
 def plan(cfg: Config | str, mesh: Mesh | MeshShape | int = 1, context: int = 8192, batch: int = 1,
-         dtype=jnp.bfloat16, experts: str = "packed", chunk: int = 512) -> Plan:
+         dtype=jnp.bfloat16, experts: str = "packed", chunk: int = 512, device: str = "gpu") -> Plan:
     """Bytes per device of weights, KV cache and activations, by the same rules ``shard`` applies.
 
     Args:
@@ -429,6 +429,9 @@ def plan(cfg: Config | str, mesh: Mesh | MeshShape | int = 1, context: int = 819
       dtype: parameter, activation and KV cache dtype.
       experts: ``"packed"`` (MXFP4, 4.25 bits per value) or ``"dense"`` (``dtype``).
       chunk: prefill chunk (``generate``'s ``prefill_chunk``).
+      device: ``"gpu"`` (or ``"tpu"``): a prefill runs each expert projection as one grouped matmul over
+        all the layer's experts (``kernels.experts.choose``: ``"ragged"``), so a packed layer's experts
+        are held decoded while it runs; ``"cpu"``: one expert at a time (``"sorted"``).
     """
     name = cfg if isinstance(cfg, str) else "gpt-oss"
     if isinstance(cfg, str):
@@ -437,6 +440,8 @@ def plan(cfg: Config | str, mesh: Mesh | MeshShape | int = 1, context: int = 819
         cfg = PRESETS[cfg]
     if experts not in ("packed", "dense"):
         raise ValueError(f"experts must be 'packed' or 'dense', got {experts!r}")
+    if device not in ("gpu", "tpu", "cpu"):
+        raise ValueError(f"device must be 'gpu', 'tpu' or 'cpu', got {device!r}")
     for what, value in (("context", context), ("batch", batch), ("chunk", chunk)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"{what} must be a positive integer, got {value!r}")
@@ -476,7 +481,10 @@ def plan(cfg: Config | str, mesh: Mesh | MeshShape | int = 1, context: int = 819
     else:  # tiles of 128 x 128, the float32 accumulator, and the re-tiled keys and values
         attn = 3 * B * N * 128 * 128 * f4 + B * N * C * H * f4 + 2 * B * S * K * H * it
     tokens = B * C
-    decoded = 3 * D * F * (it + (2 * f4 if packed else 0))  # one expert's weights (+ decode temporaries)
+    if device == "cpu":
+        decoded = 3 * D * F * (it + (2 * f4 if packed else 0))  # one expert's weights (+ decode temporaries)
+    else:  # "ragged": the layer's experts decoded at once (packed) for its grouped matmuls
+        decoded = E * 3 * D * F * it if packed else 0
     moe = tokens * (2 * F * it + F * it + D * it + 2 * D * f4 + E * f4) + decoded
     logits = B * V * f4
     activations = stream + qkv + attn + moe + logits

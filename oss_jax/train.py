@@ -43,6 +43,7 @@ from flax import nnx
 
 from oss_jax import data, harmony
 from oss_jax.config import Config
+from oss_jax.kernels import experts as expert_kernels
 from oss_jax.load import TINY_DIR, save
 from oss_jax.model import GptOss, Recording
 from oss_jax.vocab import TokenMap
@@ -188,14 +189,15 @@ def _texts(tmap: TokenMap) -> list[str]:
 
 
 def _for_training(model: GptOss) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's graph with router recording on and grouped-matmul experts, and its state."""
+    """The model's graph with router recording on and grouped-matmul experts (sorted on the CPU, ragged on
+    a GPU or TPU: ``kernels.experts.grouped_dispatch``), and its state."""
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
     for _, module in nnx.iter_modules(copy):
         if hasattr(module, "recording"):
             module.recording = Recording(router=True, sinks=False, residual=False)
         if hasattr(module, "dispatch"):
-            module.dispatch = "sorted"
+            module.dispatch = expert_kernels.grouped_dispatch()
     return nnx.split(copy)
 
 

@@ -1,9 +1,10 @@
-"""Every expert dispatch gives the same outputs: gather, scan, dense, sorted and auto.
+"""Every expert dispatch gives the same outputs: gather, scan, dense, sorted, ragged and auto.
 
 Dense and MXFP4-packed experts, routings with very uneven expert loads (one expert chosen by
 every token, some by none, loads that fill whole tiles of the sorted dispatch exactly), compared
 with a float64 per-token loop; then a whole model (forward and greedy generate) with a packed
-and a dense layer whose routers are pushed to the same extremes.
+and a dense layer whose routers are pushed to the same extremes. Ragged (``lax.ragged_dot``) also
+against sorted with gradients and LoRA adapters, and "auto" as each backend chooses it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import pytest
 from flax import nnx
 
 import oss_jax
+from oss_jax import lora
 from oss_jax.config import Config
 from oss_jax.kernels import experts as expert_kernels
 from oss_jax.model import GptOss
 from oss_jax.moe import Experts
 
-MODES = ("gather", "scan", "dense", "sorted", "auto")
+MODES = ("gather", "scan", "dense", "sorted", "ragged", "auto")
 E, K = 7, 3  # experts, experts per token
 CFG = Config(vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, num_experts=E, experts_per_token=K, sliding_window=8,
@@ -147,9 +149,124 @@ def test_every_dispatch_matches_the_per_token_loop(packed, N):
 
 def test_unknown_dispatch_is_an_error():
     ex = make_experts(packed=False)
-    ex.dispatch = "ragged"
-    with pytest.raises(ValueError, match="unknown expert dispatch"):
+    ex.dispatch = "grouped"
+    with pytest.raises(ValueError, match="unknown expert dispatch 'grouped'"):
         ex(jnp.zeros((2, CFG.hidden_size)), jnp.zeros((2, K), jnp.int32), jnp.ones((2, K)) / K)
+
+
+def test_ragged_without_a_grouped_matmul_is_an_error():
+    ex = experts(False)
+    x, idx, gates = jnp.zeros((5, CFG.hidden_size)), jnp.zeros((5, K), jnp.int32), jnp.ones((5, K)) / K
+    with pytest.raises(ValueError, match="'ragged' needs the experts' grouped matmul"):
+        expert_kernels.mix(ex.ffn, E, x, idx, gates, "ragged")
+
+
+def with_adapters(packed: bool) -> Experts:
+    """Random experts with random LoRA adapters on them (B nonzero, so that A has gradients too)."""
+    ex = make_experts(packed)
+    ex.lora = lora.ExpertsLora(CFG, lora.LoraConfig(rank=4, alpha=8.0, targets="experts"), np.random.default_rng(0))
+    rng = np.random.default_rng(4)
+    for var in (ex.lora.B1_ErF2, ex.lora.B2_ErD):
+        var.set_value(jnp.asarray(rng.normal(0, 0.2, var.get_value().shape).astype(np.float32)))
+    return ex
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def gradients(ex: Experts, mode: str, x: np.ndarray, idx: np.ndarray, gates: np.ndarray):
+    """``((d/d params, d/dx, d/d gates), out)`` of ``sum(out * cos(out))`` under dispatch ``mode``; params:
+    the ``nnx.Param`` of ``ex`` (biases, dense weights, LoRA adapters; packed bytes are not Params)."""
+    graphdef, params, rest = nnx.split(ex, nnx.Param, ...)
+
+    def loss(params, x, gates):
+        m = nnx.merge(graphdef, params, rest)
+        m.dispatch = mode
+        out = m(x, jnp.asarray(idx), gates)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(params, jnp.asarray(x), jnp.asarray(gates))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("X", [1, 9])  # 3 pairs of 7 experts (most groups empty); 9 tokens, 27 pairs
+def test_ragged_equals_sorted_with_gradients(packed, X):
+    """Ragged (each projection one ``ragged_dot``, the adapters' too) against the float64 per-token loop;
+    with LoRA adapters, its outputs and gradients (tokens, gates, every parameter: biases, dense weights,
+    adapters A and B) against sorted's."""
+    x = np.random.default_rng(X).normal(0, 3.0, (X, CFG.hidden_size)).astype(np.float32)
+    idx, gates = routings(X)["skewed"]
+    out = mixer(packed, "ragged")(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(gates))
+    assert rel(out, reference(experts(packed), x, idx, gates)) < TOL
+    ex = with_adapters(packed)
+    (g_params, g_x, g_gates), out = gradients(ex, "ragged", x, idx, gates)
+    (s_params, s_x, s_gates), s_out = gradients(ex, "sorted", x, idx, gates)
+    assert rel(out, s_out) < TOL and rel(g_x, s_x) < TOL and rel(g_gates, s_gates) < TOL
+    flat, s_flat = nnx.to_flat_state(g_params), dict(nnx.to_flat_state(s_params))
+    names = {".".join(map(str, path)) for path, _ in flat}
+    assert {"lora.A1_EDr", "lora.B1_ErF2", "lora.A2_EFr", "lora.B2_ErD", "down_bias_ED"} <= names
+    assert ("gate_up_EDF2" in names) == (not packed)
+    for path, g in flat:
+        s_g = s_flat[path].get_value()
+        assert np.max(np.abs(s_g)) > 0, path  # every parameter is in the loss's path
+        assert rel(g.get_value(), s_g) < TOL, (path, rel(g.get_value(), s_g))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_other_devices_experts_add_nothing(packed):
+    """Indices outside [0, E) (another device's experts under expert parallelism) add nothing in any
+    dispatch, even with a nonzero gate: the result is the mixture of the other pairs."""
+    N = 9
+    x = np.random.default_rng(6).normal(0, 3.0, (N, CFG.hidden_size)).astype(np.float32)
+    idx, gates = routings(N)["uniform"]
+    idx = idx.copy()
+    idx[::2, 0], idx[1::3, 2] = -1, E  # some pairs not ours; token 2 keeps one pair, token 3 none of its first
+    idx[4] = [-1, E + 3, -5]  # a token with no expert here at all: 0
+    ours = (idx >= 0) & (idx < E)
+    ref = reference(experts(packed), x, np.where(ours, idx, 0), np.where(ours, gates, 0.0))
+    assert np.all(ref[4] == 0) and np.max(np.abs(ref)) > 0
+    for mode in MODES:
+        out = np.asarray(mixer(packed, mode)(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(gates)))
+        assert np.all(out[4] == 0), mode
+        assert rel(out, ref) < TOL, (mode, rel(out, ref))
+
+
+@pytest.mark.parametrize("platform, many", [("cpu", "sorted"), ("gpu", "ragged"), ("cuda", "ragged"),
+                                            ("rocm", "ragged"), ("tpu", "ragged")])
+def test_auto_is_chosen_per_backend(platform, many, monkeypatch):
+    """"auto" (and training's grouped dispatch) as the backend reported: gather for a decode step
+    (X*k < E) everywhere; for more tokens, sorted on the CPU and ragged on accelerators. The mixture
+    really runs that dispatch, and gives the per-token loop's result."""
+    monkeypatch.setattr(expert_kernels, "backend", lambda: platform)
+    assert expert_kernels.choose("auto", 2, E) == "gather" and expert_kernels.choose("auto", E, E) == many
+    assert expert_kernels.choose("sorted", 100, E) == "sorted" and expert_kernels.grouped_dispatch() == many
+    ran = []
+    real_tiles, real_ragged = expert_kernels._tiles, expert_kernels._ragged
+
+    def tiles(*args, tile):
+        ran.append("gather" if tile == 1 else "sorted")
+        return real_tiles(*args, tile=tile)
+
+    def ragged(*args):
+        ran.append("ragged")
+        return real_ragged(*args)
+
+    monkeypatch.setattr(expert_kernels, "_tiles", tiles)
+    monkeypatch.setattr(expert_kernels, "_ragged", ragged)
+    ex = experts(False)  # dispatch "auto", run eagerly: traced now, under the patched backend
+    for X, expected in ((1, "gather"), (5, many)):
+        x = np.random.default_rng(X).normal(0, 3.0, (X, CFG.hidden_size)).astype(np.float32)
+        idx, gates = routings(X)["uniform"]
+        ran.clear()
+        out = ex(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(gates))
+        assert ran == [expected]
+        assert rel(out, reference(ex, x, idx, gates)) < TOL
+    from oss_jax import train
+
+    graphdef, state = train._for_training(GptOss(CFG, dtype=jnp.float32))
+    assert {layer.mlp.experts.dispatch for layer in nnx.merge(graphdef, state).layers} == {many}
 
 
 # -- whole models --------------------------------------------------------------------------------
@@ -223,6 +340,7 @@ def test_large_experts_are_read_in_slices(packed, monkeypatch):
     def loss(params, x, mode):
         m = nnx.merge(graphdef, params, rest)
         m.dispatch = mode
+        m.native = False  # XLA's path, the one that slices (the native kernel reads the packed bytes in place)
         out = m(x, idx, gates)
         return jnp.sum(out * jnp.cos(out)), out
 
@@ -247,3 +365,16 @@ def test_large_experts_are_read_in_slices(packed, monkeypatch):
         assert len(g_w) == len(g_w0) >= 2
         for a, b in zip(g_w, g_w0, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("ckpt", ["mxfp4_dir", "dense_dir"])
+def test_checkpoint_logits_ragged_equal_sorted(ckpt, request, tokens):
+    """A whole model loaded from a tiny random checkpoint (packed MXFP4 or dense experts): the logits of
+    two 70-token sequences with dispatch "ragged" equal those with "sorted"."""
+    model = oss_jax.load(request.getfixturevalue(ckpt), dtype="float32")
+    assert model.layers[0].mlp.experts.packed == (ckpt == "mxfp4_dir")
+    logits = {}
+    for mode in ("sorted", "ragged"):
+        set_dispatch(model, mode)
+        logits[mode] = np.asarray(model(tokens))
+    assert rel(logits["ragged"], logits["sorted"]) < TOL, rel(logits["ragged"], logits["sorted"])

@@ -205,6 +205,9 @@ def test_every_dispatch_matches_the_reference_mixture(packed, monkeypatch):
             m = nnx.merge(graphdef, state)
             m.impl, m.dispatch = impl, mode
             out[mode if impl == "fast" else impl] = m(x, idx, gates)
+            if packed and impl == "fast":  # also XLA's sliced decode (the native kernel, where built, is the default)
+                m.native = False
+                out[f"{mode}, XLA"] = m(x, idx, gates)
         return out
 
     for X in (1, 40):

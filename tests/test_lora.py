@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 TOL = 1e-5  # max |diff| / max |grad|, float32: packed vs dense, each dispatch vs the reference; measured <= 2e-6
-MODES = ("reference", "dense", "gather", "sorted", "scan")
+MODES = ("reference", "dense", "gather", "sorted", "ragged", "scan")
 ALL = "attn,experts,router"
-EP_MODES = ("gather", "sorted")
+EP_MODES = ("gather", "sorted", "ragged")
 
 
 # -- helpers (also used by the subprocess) ---------------------------------------------------------
@@ -108,7 +108,7 @@ from flax import nnx  # noqa: E402
 from test_errors import cli, one_line  # noqa: E402
 
 import oss_jax  # noqa: E402
-from oss_jax import data, finetune, lora  # noqa: E402
+from oss_jax import data, finetune, harmony, lora  # noqa: E402
 from oss_jax.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -160,7 +160,7 @@ def test_grads_expert_parallel_equal_single_device(tmp_path):
             assert rel(out[f"{mode}/{name}"], ref) < TOL, (mode, name, rel(out[f"{mode}/{name}"], ref))
 
 
-@pytest.mark.parametrize("mode", ("gather", "sorted", "scan"))
+@pytest.mark.parametrize("mode", ("gather", "sorted", "ragged", "scan"))
 def test_backward_keeps_no_copy_of_the_experts(mode):
     """What the backward pass keeps of the packed experts: the packed bytes themselves (inputs), never a
     decoded expert nor a per-tile copy of the weights; the rest is about the size of the tokens."""
@@ -183,7 +183,7 @@ def test_backward_keeps_no_copy_of_the_experts(mode):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         print_saved_residuals(lambda a: jnp.sum(nnx.merge(graphdef, a, rest)(x, idx, gates)), adapters)
-    sizes = {"f32": 4, "i32": 4, "u8": 1}
+    sizes = {"f32": 4, "i32": 4, "u8": 1, "bool": 1}
     made = 0  # bytes of residuals computed in the forward pass (not the weights or adapters passed in)
     for line in out.getvalue().splitlines():
         dtype, shape = line.split("[", 1)[0], line.split("[", 1)[1].split("]", 1)[0]
@@ -271,10 +271,11 @@ def test_adapters_refuse_bad_destinations_and_files(mxfp4_dir, tmp_path):
 
 # -- fine-tuning -----------------------------------------------------------------------------------
 def write_jsonl(path: Path, indices=(1, 3, 5)) -> Path:
-    """Conversations of the bundled model's own families (tokens it knows), one per line."""
+    """Conversations of the family the bundled model never saw, in tokens it knows (``sub``), one per line: its
+    loss falls from the first steps (on its own families, replies split as it was trained, it starts low)."""
     lines = []
     for i in indices:
-        ex = data.example(7, i, effort="medium")
+        ex = data.example(7, i, effort="medium", mix={"sub": 1.0})
         lines.append(json.dumps({"messages": ex.messages, "effort": ex.effort}))
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -387,6 +388,14 @@ def test_cli_finetune_end_to_end_and_malformed_line(tmp_path):
     assert sorted(p.name for p in (run / "adapters").iterdir()) == ["adapter_config.json", "adapters.safetensors"]
     assert json.loads((run / "adapters" / "adapter_config.json").read_text())["lora"]["rank"] == 4
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / finetune.CONFIG_FILE).read_text())["finetune"]["split_digits"] is True  # automatic
+
+    r = cli("finetune", "--model", "tiny", "--data", jsonl, "--out", run, "--steps", "2", "--batch", "2",
+            "--rank", "4", "--targets", "attn,experts", "--no-split-digits", "--no-progress")
+    assert r.returncode == 1
+    assert one_line(r.stderr) == (f"oss-jax finetune: error: {run} holds a fine-tuning run with a different "
+                                  f"finetune.split_digits (True, now False); use a new --out")
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # untouched
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(jsonl.read_text() + '{"messages": [{"role": "user"}, {"role": "assistant", "content": "1"}]}\n')
@@ -394,3 +403,134 @@ def test_cli_finetune_end_to_end_and_malformed_line(tmp_path):
     assert r.returncode == 1
     assert one_line(r.stderr).startswith(f"oss-jax finetune: error: {bad}:4: message 0: a message is a dict")
     assert not (tmp_path / "run2").exists()
+
+
+# -- replies tokenized as the model writes them ------------------------------------------------------
+def test_reply_digits_split_for_a_model_with_a_token_map(mxfp4_dir):
+    tiny = oss_jax.load("tiny")
+    conv = finetune.encode({"messages": [{"role": "user", "content": "What is 100 + 23?"},
+                                         {"role": "assistant", "channel": "final", "content": "123"}]}, "x:1")
+    assert finetune.FinetuneConfig().splits_digits(tiny)  # auto: on for a model with a token map
+    assert not finetune.FinetuneConfig().splits_digits(oss_jax.load(mxfp4_dir))  # off for an o200k model
+    assert not finetune.FinetuneConfig(split_digits=False).splits_digits(tiny)
+    for split, written in ((True, ["1", "2", "3"]), (False, ["123"])):
+        reply = tiny.token_map.to_o200k(finetune.model_ids(tiny, conv, split)[len(conv.prompt):]).tolist()
+        assert reply[:-1][-len(written):] == [harmony.encode(d)[0] for d in written], split  # then <|return|>
+        assert harmony.decode(reply).endswith("<|message|>123<|return|>")
+    with pytest.raises(ValueError, match=r"^FinetuneConfig.split_digits must be True, False or None, got 'yes'$"):
+        finetune.FinetuneConfig(split_digits="yes")
+
+
+def test_split_reply_is_the_bundled_model_training_completion():
+    # Every family (the new one too) at every effort: prompt + split reply are data.tokens, what it was trained on.
+    tiny = oss_jax.load("tiny")
+    rng = np.random.default_rng(5)
+    for family in data.ALL_FAMILIES:
+        for effort in data.EFFORTS:
+            ex = data.make(family, effort, rng)
+            conv = finetune.encode({"messages": ex.messages, "effort": effort}, "x:1")
+            prompt, completion = data.tokens(ex)
+            ids = finetune.model_ids(tiny, conv, split_digits=True)
+            assert tiny.token_map.to_o200k(ids).tolist() == prompt + completion, (family, effort)
+
+
+def test_split_digits_is_part_of_the_run_setup(tmp_path):
+    jsonl = write_jsonl(tmp_path / "conv.jsonl", indices=(1,))
+    fc = finetune.FinetuneConfig(steps=1, batch=1, rank=1, targets="q")
+    finetune.finetune("tiny", jsonl, tmp_path / "run", fc, progress=False)
+    config = tmp_path / "run" / finetune.CONFIG_FILE
+    assert json.loads(config.read_text())["finetune"]["split_digits"] is True  # None, resolved for the tiny model
+    same = finetune.FinetuneConfig(**{**fc.__dict__, "split_digits": True})
+    finetune.finetune("tiny", jsonl, tmp_path / "run", same, progress=False)  # the same training: resumes
+    off = finetune.FinetuneConfig(**{**fc.__dict__, "split_digits": False})
+    with pytest.raises(ValueError, match=r"different finetune.split_digits \(True, now False\); use a new --out"):
+        finetune.finetune("tiny", jsonl, tmp_path / "run", off, progress=False)
+    # A run written before the setting existed never split digits: it resumes with False only.
+    setup = json.loads(config.read_text())
+    del setup["finetune"]["split_digits"]
+    config.write_text(json.dumps(setup))
+    with pytest.raises(ValueError, match=r"different finetune.split_digits \(False, now True\)"):
+        finetune.finetune("tiny", jsonl, tmp_path / "run", fc, progress=False)
+    finetune.finetune("tiny", jsonl, tmp_path / "run", off, progress=False)
+
+
+# -- routing drift ------------------------------------------------------------------------------------
+def slow_drift(a, b, E: int, valid, top: int) -> dict:
+    """Routing drift counted token by token, with sets and dicts."""
+    import math
+    from collections import Counter
+
+    out = {k: [] for k in ("before", "after", "js", "grew", "changed", "kept")}
+    for layer in range(a.shape[0]):
+        tokens = [t for t in range(a.shape[1]) if valid[t]]
+        shares = []
+        for ids in (a, b):
+            c = Counter(int(e) for t in tokens for e in ids[layer, t])
+            shares.append([c[e] / (len(tokens) * a.shape[2]) for e in range(E)])
+        p, q = shares
+        m = [(x + y) / 2 for x, y in zip(p, q, strict=True)]
+        js = sum(x * math.log2(x / z) / 2 for x, z in zip(p, m, strict=True) if x) + \
+            sum(y * math.log2(y / z) / 2 for y, z in zip(q, m, strict=True) if y)
+        out["before"].append(p)
+        out["after"].append(q)
+        out["js"].append(js)
+        out["grew"].append(sorted(range(E), key=lambda e: (p[e] - q[e], e))[:top])
+        out["changed"].append(sum(set(a[layer, t]) != set(b[layer, t]) for t in tokens) / len(tokens))
+        out["kept"].append(sum(len(set(a[layer, t]) & set(b[layer, t])) for t in tokens) / len(tokens) / a.shape[2])
+    return out
+
+
+def test_drift_equals_a_direct_count():
+    from oss_jax import routing
+
+    rng = np.random.default_rng(0)
+    L, T, E, k = 3, 200, 8, 2
+    a = np.argsort(rng.random((L, T, E)), -1)[..., :k]
+    b = a.copy()
+    moved = rng.random((L, T)) < 0.3
+    b[moved] = np.argsort(rng.random((int(moved.sum()), E)) + np.eye(E)[3], -1)[:, -k:]  # expert 3 favoured
+    valid = rng.random(T) < 0.9
+    d = routing.drift(a, b, E, valid=valid, top=2)
+    want = slow_drift(a, b, E, valid, 2)
+    np.testing.assert_allclose(d.load_before, want["before"], atol=1e-12)
+    np.testing.assert_allclose(d.load_after, want["after"], atol=1e-12)
+    np.testing.assert_allclose(d.js, want["js"], atol=1e-12)
+    np.testing.assert_allclose(d.changed, want["changed"], atol=1e-12)
+    np.testing.assert_allclose(d.kept, want["kept"], atol=1e-12)
+    assert d.grew.tolist() == want["grew"] and (d.grew[:, 0] == 3).all() and d.tokens == int(valid.sum())
+    np.testing.assert_allclose(d.growth, np.take_along_axis(d.load_after - d.load_before, d.grew, -1))
+
+    same = routing.drift(a, a, E)
+    assert (same.js == 0).all() and (same.changed == 0).all() and (same.kept == 1).all() and same.changed_overall == 0
+    disjoint = routing.drift(np.zeros((1, 5, 1), int), np.ones((1, 5, 1), int), E, top=1)
+    assert disjoint.js.tolist() == [1.0] and disjoint.changed.tolist() == [1.0] and disjoint.kept.tolist() == [0.0]
+    assert disjoint.grew.tolist() == [[1]] and disjoint.growth.tolist() == [[1.0]]
+    with pytest.raises(ValueError, match=r"two routings \[L, T, k\] of the same tokens, got shapes \(3, 200, 2\)"):
+        routing.drift(a, a[:, :5], E)
+
+
+def test_routing_drift_of_two_models():
+    """Identical models: nothing moves. A masked expert: its share goes to 0, and nothing before its layer moves.
+    Batched and padded, the drift equals that of each sequence traced alone."""
+    from oss_jax import prune, routing
+    from oss_jax.trace import trace
+
+    base = oss_jax.load("tiny")
+    rng = np.random.default_rng(2)
+    convs = [data.tokens(data.make(f, "high", rng, heldout=True)) for f in ("add", "sub", "lookup")]
+    seqs = [p + c for p, c in convs]
+    select = [np.arange(len(p) + len(c)) >= len(p) for p, c in convs]  # the replies
+    same = routing.routing_drift(base, base, seqs, batch=2)
+    assert (same.js == 0).all() and (same.changed == 0).all() and same.tokens == sum(map(len, seqs))
+
+    masked = prune.mask_experts(base, [[], [5], [], []])
+    d = routing.routing_drift(base, masked, seqs, select=select, batch=2)
+    assert d.load_before[1, 5] > 0 and d.load_after[1, 5] == 0 and d.js[1] > 0 and d.changed[1] > 0
+    assert d.js[0] == 0 and d.changed[0] == 0 and 5 not in d.grew[1] and (d.growth[1] > 0).all()
+    alone = [[trace(m, s, sinks=False, residual=False).expert_ids for s in seqs] for m in (base, masked)]
+    want = routing.drift(np.concatenate(alone[0], 1), np.concatenate(alone[1], 1), base.config.num_experts,
+                         valid=np.concatenate(select))
+    for name in ("load_before", "load_after", "js", "changed", "kept", "grew"):
+        np.testing.assert_allclose(getattr(d, name), getattr(want, name), err_msg=name)
+    with pytest.raises(ValueError, match="select needs one bool array per sequence, of its length"):
+        routing.routing_drift(base, base, seqs, select=select[:2])

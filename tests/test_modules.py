@@ -417,7 +417,7 @@ def _clamped_fraction(x, idx, w1, b1):
     return (h[..., 0::2] > 7).mean(), (np.abs(h[..., 1::2]) > 7).mean()
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "scan", "dense", "sorted", "reference"])
+@pytest.mark.parametrize("dispatch", ["gather", "scan", "dense", "sorted", "ragged", "reference"])
 def test_dense_experts_match_transformers(cfg, expert_case, dispatch):
     x, idx, gates, ex = expert_case
     w1, b1 = t2n(ex.gate_up_proj), t2n(ex.gate_up_proj_bias)
@@ -434,7 +434,7 @@ def test_dense_experts_match_transformers(cfg, expert_case, dispatch):
     assert R.rel_err(out, ref) < TOL
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "scan", "dense", "sorted", "reference"])
+@pytest.mark.parametrize("dispatch", ["gather", "scan", "dense", "sorted", "ragged", "reference"])
 def test_packed_experts_match_transformers(cfg, expert_case, dispatch):
     """MXFP4 bytes in ours; transformers gets the same bytes dequantized by its own converter."""
     x, idx, gates, ex = expert_case

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 
 import jax
@@ -47,6 +48,68 @@ def test_heldout_split_is_disjoint():
     share = np.mean([data.is_heldout("add", p) for p in pairs])
     assert 0.07 < share < 0.13
     assert all(e.question == f"What is {e.key[0]} + {e.key[1]}?" for e in test_ex if e.family == "add")
+
+
+class _Draws:
+    """A stand-in for ``np.random.Generator`` whose ``integers`` returns the numbers given."""
+
+    def __init__(self, *numbers: int):
+        self.numbers = np.array(numbers)
+
+    def integers(self, low, high, size):
+        return self.numbers
+
+
+def test_sub_is_a_new_family_written_in_the_bundled_vocabulary():
+    assert "sub" in data.NEW_FAMILIES and "sub" not in data.FAMILIES and "sub" not in data.MIX
+    assert data.ALL_FAMILIES == (*data.FAMILIES, "sub")
+    # Every column of the worked answer is right, borrows included (written "carry", as the vocabulary has it).
+    for a, b in ((885, 347), (1000 - 1, 0), (100, 1), (500, 499), (7, 7), (0, 0), (347, 885)):
+        key, question, analyses, final = data._sub(_Draws(a, b))
+        a, b = max(a, b), min(a, b)
+        assert key == (a, b) and question == f"What is {a}-{b}?" and final == str(a - b)
+        assert analyses["high"].startswith(f"Pad to three digits: {a:03d} and {b:03d}. Ones: ")
+        steps = re.findall(r"(\w+): (\d+) is (\d) \+ (\d) \+ (\d), write (\d) carry (\d)\.", analyses["high"])
+        assert [s[0] for s in steps] == ["Ones", "Tens", "Hundreds"], analyses["high"]
+        borrow, digits = 0, ""
+        for (_, top, y, c, d, w, new), x in zip(steps, reversed(f"{a:03d}"), strict=True):
+            assert int(c) == borrow and int(top) == int(x) + 10 * int(new) and int(top) - int(y) - int(c) == int(d)
+            assert d == w and int(d) >= 0
+            borrow, digits = int(new), d + digits
+        assert borrow == 0 and analyses["high"].endswith(f" Result: {int(digits)}.") and int(digits) == a - b
+        assert analyses["low"] == "" and analyses["medium"].endswith(f"the answer is {a - b}.")
+    # The held-out split, and the vocabulary: LoRA cannot add tokens, so every token must be one the model knows,
+    # and the reply must write only tokens it was trained to write (an untrained output row, "-", is not one).
+    tmap = TokenMap.load(TINY_DIR / "model")
+    written = {t for i in range(3000) for t in data.completion(data.example(0, i))}
+    rng = np.random.default_rng(0)
+    for heldout in (False, True):
+        exs = [data.make("sub", data.EFFORTS[i % 3], rng, heldout=heldout) for i in range(600)]
+        assert all(data.is_heldout("sub", e.key) == heldout for e in exs)
+        for e in exs:
+            prompt, completion = data.tokens(e)
+            tmap.to_model(prompt + completion, strict=True)
+            assert set(completion) <= written, [harmony.decode([t]) for t in set(completion) - written]
+            assert harmony.Reply.from_tokens(completion, strict=True).final == e.final
+    share = np.mean([data.is_heldout("sub", (a, b)) for a in range(0, 1000, 7) for b in range(0, a + 1, 11)])
+    assert 0.07 < share < 0.13
+    # The training stream draws it only when a mix names it; an unknown name is refused.
+    assert {data.example(1, i, mix={"sub": 0.5, "add": 0.5}).family for i in range(40)} == {"sub", "add"}
+    with pytest.raises(ValueError, match=r"^unknown family 'mul' in mix: use add, sort, reverse, count, lookup, sub$"):
+        data.example(1, 0, mix={"mul": 1.0})
+
+
+def test_evaluate_asks_the_new_family():
+    from oss_jax import evaluate
+
+    model = oss_jax.load("tiny")
+    (cell,) = evaluate.evaluate(model, per_cell=2, families=("sub",), efforts=("low",), keep_examples=2)
+    assert (cell.family, cell.effort, cell.n) == ("sub", "low", 2)
+    for ex in cell.examples:
+        a, b = (int(x) for x in re.fullmatch(r"What is (\d+)-(\d+)\?", ex["question"]).groups())
+        assert data.is_heldout("sub", (a, b)) and ex["expected"] == str(a - b)
+    with pytest.raises(ValueError, match=r"^unknown family 'mul': use add, sort, reverse, count, lookup, sub$"):
+        evaluate.evaluate(model, per_cell=1, families=("mul",))
 
 
 def test_effort_sets_the_analysis():

@@ -20,6 +20,10 @@ model to the reference math (see ``oss_jax.model.GptOss``).
 * ``kernels.mxfp4`` (equals ``mxfp4.decode`` and ``mxfp4.matmul``): decoding that builds float32
   bit patterns instead of looking values up, and a matmul on the two nibble planes that never
   interleaves the decoded weight.
+* ``kernels.native`` (equals ``mxfp4.matmul``, in ``tests/test_native.py``): a C++ CPU kernel
+  (``native/mxfp4_cpu.cc``, an XLA FFI custom call compiled on first use) for one packed expert's
+  matrix product, reading the 4-bit codes in place with a table look-up in registers; the packed
+  experts use it on the CPU where it builds (``Experts.native``), else XLA's decode.
 * ``kernels.logits`` (equals the unembedding's einsum in ``GptOss.apply``): the logits a slice of
   the vocabulary at a time, so XLA's CPU backend never holds a float32 copy of the whole
   unembedding (2.2 GiB on gpt-oss).

@@ -10,9 +10,13 @@ here apply one expert at a time (``ffn(e, x_RD)``, given by ``Experts``) to the 
 * ``"sorted"``: the pairs sorted by expert into tiles of R rows of one expert each, a loop of one
   ``[R, D] @ w[expert]`` per tile: a grouped matmul, about X*k rows of work and each used expert
   read about once (prefill, large batches, training).
+* ``"ragged"``: the pairs sorted by expert, then each projection one grouped matmul over every
+  expert at once (``jax.lax.ragged_dot``, through ``Experts.grouped``): one kernel instead of a loop
+  of small ones, for accelerators. Packed experts are decoded whole (every expert, transient) first.
 * ``"scan"``: a loop over all E experts, each applied to every token and weighted by that token's
   gate (zero when not chosen): E/k times the useful work, one expert in memory at a time.
-* ``"auto"``: gather when X*k < E, else sorted.
+* ``"auto"``: gather when X*k < E, else sorted on the CPU and ragged on a GPU or TPU
+  (:func:`choose`, the one place this is decided, says why).
 
 Gather and sorted index one expert per loop step with ``dynamic_slice`` rather than gathering
 ``[X, k, D, 2F]`` copies of the weights: on XLA's CPU backend a plain 2-D matmul on one expert is
@@ -36,6 +40,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from oss_jax.kernels import mxfp4
+from oss_jax.kernels import native as native_cpu
 
 f32 = jnp.float32
 # Rows per tile of the "sorted" dispatch (at most).
@@ -43,16 +48,24 @@ SORTED_TILE = 128
 # An expert's weight is read in slices of at most this many bytes (of float32 nibble planes when
 # packed): see expert_matmul.
 SLICE_BYTES = 4 << 20
-MODES = ("auto", "gather", "sorted", "scan", "dense")
+MODES = ("auto", "gather", "sorted", "ragged", "scan", "dense")
 Ffn = Callable[[jax.Array, jax.Array], jax.Array]  # ffn(e, x [R, D]) -> [R, D] float32
+# grouped(x [P, D] sorted by expert, expert of each row e [P], rows per expert sizes [E]) -> [P, D] float32
+Grouped = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")  # platforms where "auto" prefers one grouped matmul to a loop
 
 
-def mix(ffn: Ffn, E: int, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Array, mode: str) -> jax.Array:
+def mix(ffn: Ffn, E: int, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Array, mode: str,
+        grouped: Grouped | None = None) -> jax.Array:
     """``sum_k gates[x, k] * ffn(idx[x, k], x)`` -> ``[X, D]`` float32, by ``mode`` (gather, sorted,
-    scan or auto). An index outside ``[0, E)`` (another device's expert) contributes nothing."""
+    ragged, scan or auto; ragged needs ``grouped``, the same experts as one grouped matmul). An index
+    outside ``[0, E)`` (another device's expert) contributes nothing."""
     X, k = idx_Xk.shape
-    if mode == "auto":
-        mode = "gather" if X * k < E else "sorted"
+    mode = choose(mode, X * k, E)
+    if mode == "ragged":
+        if grouped is None:
+            raise ValueError("expert dispatch 'ragged' needs the experts' grouped matmul (Experts.grouped)")
+        return _ragged(grouped, E, x_XD, idx_Xk, gates_Xk)
     if mode == "gather":
         return _tiles(ffn, E, x_XD, idx_Xk, gates_Xk, tile=1)
     if mode == "sorted":
@@ -66,6 +79,60 @@ def mix(ffn: Ffn, E: int, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Arra
         out, _ = jax.lax.scan(step, jnp.zeros(x_XD.shape, f32), jnp.arange(E))
         return out
     raise ValueError(f"unknown expert dispatch {mode!r} (use one of {', '.join(map(repr, MODES))})")
+
+
+def backend() -> str:
+    """The platform that ``jit`` compiles the mixture for: ``jax.default_backend()`` ("cpu", "gpu", "tpu").
+    (The arrays are tracers inside ``jit``: they have no devices to ask.)"""
+    return jax.default_backend()
+
+
+def choose(mode: str, pairs: int, E: int) -> str:
+    """The dispatch that runs for ``mode`` on ``pairs`` (token, expert) pairs of ``E`` experts: ``mode``
+    itself, or for ``"auto"`` the one place the choice is made, per backend:
+
+    * ``pairs < E`` (a decode step): gather, everywhere: it reads only the experts chosen, one per pair,
+      while a grouped matmul reads (and, packed, decodes) every expert.
+    * otherwise on a GPU or TPU: ragged. One grouped matmul per projection keeps the chip busy; sorted's
+      loop of about ``pairs / R + E`` tiles is as many small sequential matmuls, each launched on its own.
+      (Not yet measured on a GPU: ``benchmarks/gpu.py`` times the prefill both ways.)
+    * otherwise on the CPU: sorted. XLA's CPU backend has no grouped matmul: it runs ``ragged_dot`` as a
+      masked dense matmul over every expert (E times the work: a 256-token prefill with 32 experts is about
+      17x slower than sorted), while sorted's 2-D matmuls run at full speed.
+    """
+    if mode != "auto":
+        return mode
+    return "gather" if pairs < E else grouped_dispatch()
+
+
+def grouped_dispatch() -> str:
+    """The dispatch for many tokens (prefill, training) on this backend: ``"ragged"`` on a GPU or TPU,
+    ``"sorted"`` on the CPU (why: :func:`choose`)."""
+    return "ragged" if backend() in ACCELERATORS else "sorted"
+
+
+def _ragged(grouped: Grouped, E: int, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Array) -> jax.Array:
+    """Ragged: the X*k (token, expert) rows sorted by expert, ``grouped`` on all of them at once, then
+    each token's k rows gated and summed.
+
+    Rows of another device's experts (an index outside ``[0, E)``) sort last, outside every group
+    (``sizes`` sums to fewer rows): their outputs are dropped. The rows go back to token order by the
+    inverse permutation (a gather, then a sum over k), not a scatter-add, whose atomic adds on a GPU
+    would sum in a different order each run. ``grouped`` is recomputed in the backward pass (``jax.checkpoint``), so
+    packed experts' decoded weights (every expert) live only while one layer's matmuls run.
+    """
+    X, k = idx_Xk.shape
+    P = X * k
+    flat_P = idx_Xk.reshape(-1)
+    flat_P = jnp.where((flat_P >= 0) & (flat_P < E), flat_P, E).astype(jnp.int32)  # E: not ours, last
+    order = jnp.argsort(flat_P, stable=True)
+    row_e = flat_P[order]
+    sizes_E = jnp.bincount(flat_P, length=E + 1)[:E].astype(jnp.int32)
+    y_PD = jax.checkpoint(grouped)(x_XD[order // k], jnp.minimum(row_e, E - 1), sizes_E)
+    g_P = gates_Xk.reshape(-1).astype(f32)[order]
+    y_PD = jnp.where((row_e < E)[:, None], g_P[:, None] * y_PD, 0.0)  # where, not a product: drops NaN too
+    back = jnp.zeros((P,), jnp.int32).at[order].set(jnp.arange(P, dtype=jnp.int32))  # row of each pair
+    return jnp.sum(y_PD[back].reshape(X, k, -1), axis=1)
 
 
 def _tiles(ffn: Ffn, E: int, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Array, tile: int) -> jax.Array:
@@ -139,7 +206,7 @@ def row(x: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
 
 
-def expert_matmul(x_RI: jax.Array, w, e: jax.Array, dtype) -> jax.Array:
+def expert_matmul(x_RI: jax.Array, w, e: jax.Array, dtype, native: bool | str = "auto") -> jax.Array:
     """``x @ w[e]`` for one expert ``e`` (a traced scalar) of a stacked weight -> ``[R, O]``.
 
     ``w`` is dense ``[E, I, O]``, or MXFP4 ``(blocks [E, O, I/32, 16], scales [E, O, I/32])``
@@ -148,10 +215,16 @@ def expert_matmul(x_RI: jax.Array, w, e: jax.Array, dtype) -> jax.Array:
     costs about 4x the matmul itself, while a slice of ``SLICE_BYTES`` stays in cache. So a large
     expert is taken a slice at a time: rows of ``I``, summed (dense); rows of ``O``, concatenated
     (packed). Small experts are one slice, a single matmul.
+
+    Packed weights on the CPU go to the native kernel instead (``kernels.native``: the packed bytes read
+    in place, float32 sums) where ``native`` allows: ``"auto"`` (``Experts.native``'s default) when it is
+    built, ``True`` always, ``False`` never.
     """
     R = x_RI.shape[0]
     if isinstance(w, tuple):
         blocks, scales = w
+        if native_cpu.enabled(native):
+            return native_cpu.expert_matmul(x_RI, blocks, scales, e).astype(jnp.result_type(x_RI, dtype))
         _, O, nb, half = blocks.shape
         C = _slice_rows(O, nb * half * 4)  # float32 bytes per output row of one nibble plane
         if C == O:

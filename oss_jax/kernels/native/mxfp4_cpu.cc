@@ -1,0 +1,263 @@
+// MXFP4 matrix products on the CPU for gpt-oss's packed experts: an XLA FFI custom call.
+//
+//   y[R, O] = x[R, I] @ decode(blocks[e], scales[e]).T       (x, y float32; e an int32 scalar)
+//
+// for expert e of weights stored as in oss_jax/mxfp4.py (the reference):
+//   blocks [E, O, I/32, 16] uint8: two 4-bit E2M1 codes per byte, the even element in the low nibble
+//   scales [E, O, I/32]     uint8: one E8M0 byte s per block of 32 weights, worth 2^(s - 127)
+// oss_jax/kernels/native/__init__.py compiles this file on first use and registers it with JAX.
+//
+// How a llama.cpp-class kernel reads 4-bit weights (and what XLA does not do):
+//
+// 1. Never expand the weights in memory. One output row of one block is 16 bytes of codes and one
+//    scale byte for 32 weights (4.25 bits each). At batch 1 every byte is used once, so the speed
+//    limit is how fast those bytes stream in from RAM, if decoding keeps up with it.
+// 2. Decoding is a table look-up: a code has 16 possible values (kFp4). One look-up per weight
+//    from memory is slow; the whole table fits in one 512-bit register (16 floats; two 256-bit
+//    ones), and a register shuffle (x86 vpermps) then decodes a register of weights in one or two
+//    instructions. GCC's vector extension __builtin_shuffle compiles to that shuffle on x86; other
+//    compilers and targets get the same values from a few integer operations (decode_arith).
+//    (llama.cpp also rounds the activations to int8, and looks up integer weights with a byte
+//    shuffle, x86 pshufb or ARM tbl; this kernel keeps x in float32, as the XLA path does.)
+// 3. The scale is a power of two shared by 32 weights: one multiply of the decoded block (two
+//    registers) by 2^(s - 127), exact, so the block equals mxfp4.decode's bit for bit. The input
+//    rows of a group then share the scaled block.
+// 4. Accumulate in float32, in independent SIMD lanes (a register per output row and input row);
+//    add the lanes together once, at the end of the row.
+// 5. The low nibbles hold the even inputs and the high nibbles the odd ones: rather than
+//    re-interleave the decoded weights, split x once into its even and odd halves (xe, xo).
+// 6. Work in tiles of kRows output rows by kGroup input rows, their sums in registers: each
+//    decoded block serves kGroup input rows and each load of x serves kRows weight rows (without
+//    tiling, R = 8 rows of x streamed from the L2 cache for every output row cost as much as 8
+//    separate products). Output rows are independent: threads claim chunks of them in turn.
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // weights per scale byte
+constexpr int64_t kBytes = 16;  // bytes of codes per block
+constexpr int kRows = 4;        // output rows of a tile: each load of x serves all of them
+constexpr int kGroup = 4;       // input rows of a tile: each decoded block serves all of them
+constexpr int64_t kChunk = 64;  // output rows a thread claims at a time
+
+// A SIMD register of floats (GCC and Clang vector extensions: arithmetic is per lane): 16 lanes
+// with AVX-512's 512-bit registers, 8 with AVX's 256 bits, else 4 (128 bits: ARM NEON, SSE). A
+// block's 16 low-nibble codes (its even inputs), or its 16 high ones, fill kVecs registers.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+constexpr int kVecs = 16 / kLanes;
+typedef float fvec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
+
+// The value of each E2M1 code: bit 3 is the sign, bits 0-2 pick 0, 0.5, 1, 1.5, 2, 3, 4 or 6.
+alignas(64) constexpr float kFp4[16] = {+0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                        -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+inline fvec load(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Multiply a decoded block by its scale 2^(s - 127). An E8M0 byte is exactly a float32 exponent
+// field (bias 127 in both formats): the float with bits s << 23. s = 255 (NaN in the OCP spec, never
+// in real weights) gives infinity, as mxfp4.decode does. s = 0 (2^-127) has no such float: it is
+// below the smallest normal one, and XLA's threads treat such "subnormal" operands as zero. So that
+// case is two multiplies, by 2^-126 and 1/2: weights of 2^-126 and above survive, the smaller ones
+// flush to zero, exactly as in XLA's decode.
+inline void apply_scale(uint8_t s, fvec& even, fvec& odd) {
+  const uint32_t bits = uint32_t(s) << 23;
+  float scale = 0x1p-126f;
+  if (s != 0) std::memcpy(&scale, &bits, sizeof scale);
+  even *= scale;
+  odd *= scale;
+  if (s == 0) {
+    even *= 0.5f;
+    odd *= 0.5f;
+  }
+}
+
+// kLanes bytes of codes, widened to one lane each: lane j holds byte j (codes of inputs 2j, 2j+1).
+inline ivec widen(const uint8_t* q) {
+  ivec b;
+  for (int j = 0; j < kLanes; ++j) b[j] = q[j];
+  return b;
+}
+
+// Decode the codes of kLanes bytes (one register's worth) to E2M1 values (unscaled): the low
+// nibbles (even inputs) and the high nibbles (odd inputs).
+//
+// Portable: the values computed, not looked up. Twice an E2M1 magnitude m = 0..7 is the integer
+// 0, 1, 2, 3, 4, 6, 8, 12, i.e. m, plus m - 4 above 4, plus 2 (m - 6) above 6. A comparison of
+// vectors gives -1 (all bits set) or 0 per lane, so `(m > 4) & (m - 4)` is "m - 4 where m > 4,
+// else 0". The sign bit negates: (v ^ -1) - (-1) = -v.
+inline fvec fp4_values(ivec code) {
+  const ivec m = code & 7;
+  const ivec twice = m + ((m > 4) & (m - 4)) + ((m > 6) & ((m - 6) * 2));
+  const ivec neg = -(code >> 3);  // -1 where the sign bit is set
+  return __builtin_convertvector((twice ^ neg) - neg, fvec) * 0.5f;
+}
+inline void decode_arith(const uint8_t* q, fvec& even, fvec& odd) {
+  const ivec b = widen(q);
+  even = fp4_values(b & 15);
+  odd = fp4_values(b >> 4);
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX2__)
+// Faster, with GCC on x86: the table in registers. __builtin_shuffle(table, idx)[j] = table[idx[j]],
+// one vpermps; with 8 lanes the 16-entry table is two registers, and __builtin_shuffle(lo, hi, idx)
+// indexes both (two vpermps and a blend). GCC 12 turns a float shuffle into lane-by-lane loads on
+// ARM, so there (and with other compilers) the table is the computed one above.
+inline fvec lookup(ivec code) {
+  if constexpr (kLanes == 16) {
+    return __builtin_shuffle(load(kFp4), code);
+  } else {
+    return __builtin_shuffle(load(kFp4), load(kFp4 + 8), code);
+  }
+}
+inline void decode_lut(const uint8_t* q, fvec& even, fvec& odd) {
+  const ivec b = widen(q);
+  even = lookup(b & 15);
+  odd = lookup(b >> 4);
+}
+#else
+inline void decode_lut(const uint8_t* q, fvec& even, fvec& odd) { decode_arith(q, even, odd); }
+#endif
+
+// One tile of y: T output rows (from o) times G input rows (from r), T x G sums kept in registers.
+// Each block of each of the T weight rows is decoded once and meets all G input rows; each load of
+// x meets all T weight rows. xe, xo: x's even and odd halves, rows `half` = I/2 floats apart.
+template <bool kLut, int T, int G>
+void tile(const uint8_t* q, const uint8_t* s, int64_t nb, const float* xe, const float* xo, int64_t half,
+          float* y, int64_t O) {
+  fvec acc[T][G] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int v = 0; v < kVecs; ++v) {  // the block's 16 bytes, kLanes at a time
+      const int64_t at = b * kBytes + v * kLanes;
+      fvec even[T], odd[T];
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        if constexpr (kLut) {
+          decode_lut(q + t * nb * kBytes + at, even[t], odd[t]);
+        } else {
+          decode_arith(q + t * nb * kBytes + at, even[t], odd[t]);
+        }
+        apply_scale(s[t * nb + b], even[t], odd[t]);
+      }
+      for (int g = 0; g < G; ++g) {  // the products with input row g, for each weight row
+        const fvec x_even = load(xe + g * half + at), x_odd = load(xo + g * half + at);
+        for (int t = 0; t < T; ++t) {
+          acc[t][g] += even[t] * x_even;
+          acc[t][g] += odd[t] * x_odd;
+        }
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    for (int g = 0; g < G; ++g) {
+      float sum = 0.0f;
+      for (int j = 0; j < kLanes; ++j) sum += acc[t][g][j];
+      y[g * O + t] = sum;
+    }
+  }
+}
+
+// y[:, o] for output rows o in [o0, o1): tiles of kRows output rows (single rows at the end) by up
+// to kGroup input rows.
+template <bool kLut>
+void rows(const uint8_t* q, const uint8_t* s, int64_t nb, const float* xe, const float* xo, int64_t R, float* y,
+          int64_t O, int64_t o0, int64_t o1) {
+  using Tile = void (*)(const uint8_t*, const uint8_t*, int64_t, const float*, const float*, int64_t, float*, int64_t);
+  static constexpr Tile kTiles[2][kGroup + 1] = {
+      {nullptr, tile<kLut, 1, 1>, tile<kLut, 1, 2>, tile<kLut, 1, 3>, tile<kLut, 1, 4>},
+      {nullptr, tile<kLut, kRows, 1>, tile<kLut, kRows, 2>, tile<kLut, kRows, 3>, tile<kLut, kRows, 4>}};
+  const int64_t half = nb * kBytes;
+  for (int64_t o = o0; o < o1;) {
+    const bool full = o + kRows <= o1;
+    for (int64_t r = 0; r < R; r += kGroup) {
+      const int64_t G = std::min<int64_t>(kGroup, R - r);
+      kTiles[full][G](q + o * nb * kBytes, s + o * nb, nb, xe + r * half, xo + r * half, half, y + r * O + o, O);
+    }
+    o += full ? kRows : 1;
+  }
+}
+
+template <bool kLut>
+ffi::Error Matmul(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::U8, 4> blocks, ffi::Buffer<ffi::U8, 3> scales,
+                  ffi::BufferR0<ffi::S32> expert, ffi::ResultBuffer<ffi::F32, 2> y, ffi::ThreadPool pool) {
+  const auto xd = x.dimensions(), bd = blocks.dimensions(), sd = scales.dimensions();
+  const int64_t R = xd[0], I = xd[1], E = bd[0], O = bd[1], nb = bd[2];
+  if (bd[3] != kBytes || sd[0] != E || sd[1] != O || sd[2] != nb || I != nb * kBlock || E < 1) {
+    return ffi::Error::InvalidArgument("mxfp4_cpu: x [R, I], blocks [E, O, I/32, 16] and scales [E, O, I/32] "
+                                       "do not match");
+  }
+  // Expert e's weights, read in place (no copy). Out-of-range indices clamp, as dynamic_slice does.
+  const int64_t e = std::clamp<int64_t>(*expert.typed_data(), 0, E - 1);
+  const uint8_t* q = blocks.typed_data() + e * O * nb * kBytes;
+  const uint8_t* s = scales.typed_data() + e * O * nb;
+  // x split once into even and odd inputs, the order the nibbles hold them in.
+  const int64_t half = I / 2;
+  std::vector<float> xe(R * half), xo(R * half);
+  const float* xp = x.typed_data();
+  for (int64_t i = 0; i < R * half; ++i) {
+    xe[i] = xp[2 * i];
+    xo[i] = xp[2 * i + 1];
+  }
+  float* yp = y->typed_data();
+  // Output rows in chunks of kChunk, claimed in turn by this thread and by tasks on XLA's own CPU
+  // thread pool (no thread started per call). A task that starts late, or never, finds nothing left
+  // to claim: this thread waits only for chunks in progress, never for a task to be scheduled. The
+  // tasks share the counters through a shared_ptr, as they may start after this call returns.
+  struct Claims {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto claims = std::make_shared<Claims>();
+  auto work = [=, &xe, &xo](Claims& c) {
+    for (int64_t o; (o = c.next.fetch_add(kChunk)) < O;) {
+      const int64_t end = std::min(o + kChunk, O);
+      rows<kLut>(q, s, nb, xe.data(), xo.data(), R, yp, O, o, end);
+      c.done.fetch_add(end - o);
+    }
+  };
+  // One task fewer than the pool has threads (this thread is the last worker; XLA sizes the pool to
+  // the cores), none beyond the chunks, and each at least ~64k weights x rows of work.
+  const int64_t chunks = (O + kChunk - 1) / kChunk;
+  const int64_t tasks = std::min<int64_t>({pool.num_threads() - 1, chunks - 1, O * I * R / 65536});
+  for (int64_t t = 0; t < tasks; ++t) {
+    pool.Schedule([claims, work] { work(*claims); });
+  }
+  work(*claims);
+  while (claims->done.load() < O) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define OSS_JAX_MXFP4_BINDING                          \
+  ffi::Ffi::Bind()                                     \
+      .Arg<ffi::Buffer<ffi::F32, 2>>() /* x */         \
+      .Arg<ffi::Buffer<ffi::U8, 4>>()  /* blocks */    \
+      .Arg<ffi::Buffer<ffi::U8, 3>>()  /* scales */    \
+      .Arg<ffi::BufferR0<ffi::S32>>()  /* expert e */  \
+      .Ret<ffi::Buffer<ffi::F32, 2>>() /* y */         \
+      .Ctx<ffi::ThreadPool>()
+
+// The fastest decoder this compiler offers, and the portable one (tested equal to each other).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OssJaxMxfp4Matmul, Matmul<true>, OSS_JAX_MXFP4_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OssJaxMxfp4MatmulArith, Matmul<false>, OSS_JAX_MXFP4_BINDING);

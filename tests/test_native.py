@@ -1,0 +1,202 @@
+"""The native MXFP4 kernel (``oss_jax.kernels.native``) against the reference, and its fallback.
+
+(a) the kernel: both decoders (the register look-up and the portable arithmetic one) equal
+``oss_jax.mxfp4.matmul`` on random codes, several experts, odd row counts and ragged tiles, the
+extreme scale bytes 0, 127 and 254; its gradient with respect to ``x`` equals XLA's.
+(b) the model: logits with ``native`` on and off, greedy ``generate``, packed MXFP4 checkpoint.
+(c) no compiler, a failing one, ``OSS_JAX_NATIVE=0``: the XLA path, one notice line (none when
+turned off on purpose), the same logits; ``native=True`` then a one-line error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oss_jax
+from oss_jax import mxfp4
+from oss_jax.kernels import experts as expert_kernels
+from oss_jax.kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.reason()}")
+TARGETS = [native.TARGET, native.PORTABLE_TARGET]
+E, O, I = 3, 38, 96  # O = 38: nine tiles of 4 output rows and two single rows
+
+
+def weights(seed: int, low: int = 100, high: int = 141) -> tuple[np.ndarray, np.ndarray]:
+    """Random blocks ``[E, O, I/32, 16]`` and scale bytes in ``[low, high)`` ``[E, O, I/32]``."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (E, O, I // 32, 16), dtype=np.uint8)
+    return blocks, rng.integers(low, high, (E, O, I // 32), dtype=np.uint8)
+
+
+def check(got, x, blocks, scales, e) -> None:
+    """``got`` equals ``mxfp4.matmul`` (XLA, float32) within float32 summation error: per output, 1e-5 of
+    ``sum |x| |w|`` (the sum of the magnitudes of the products it adds)."""
+    w = mxfp4.decode(blocks[e], scales[e], jnp.float32)
+    want = np.asarray(mxfp4.matmul(jnp.asarray(x), blocks[e], scales[e], jnp.float32))
+    bound = 1e-5 * np.asarray(jnp.abs(jnp.asarray(x)) @ jnp.abs(w).T)
+    got = np.asarray(got)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.all(np.isfinite(want)) and np.abs(want).max() > 0
+    bad = np.abs(got - want) > bound
+    assert not bad.any(), f"expert {e}: {bad.sum()} outputs differ, first at {np.argwhere(bad)[0]}"
+
+
+@pytest.mark.parametrize("R", [1, 3, 4, 13])  # tiles of up to 4 input rows: 13 = 3 full + 1
+@pytest.mark.parametrize("target", TARGETS, ids=["lut", "portable"])
+def test_kernel_equals_the_reference(target, R):
+    """Every expert, and the extreme scales: a row all at 127 (weights = E2M1 values), blocks at 0
+    (2^-127) and at 254 (2^127: codes of magnitude <= 1.5 and small inputs, so nothing overflows)."""
+    blocks, scales = weights(R)
+    scales[:, 0] = 127
+    scales[:, 1, 0] = 0
+    scales[:, 2, 1] = 254
+    blocks[:, 2, 1] &= 0xBB  # clear bit 2 of both codes: magnitudes 0..1.5, at most 1.5 * 2^127
+    x = np.random.default_rng(R).normal(0, 1e-3, (R, I)).astype(np.float32)
+    f = jax.jit(lambda x, e: native.expert_matmul(x, blocks, scales, e, target=target))
+    for e in range(E):
+        got = f(x, jnp.int32(e))
+        check(got, x, blocks, scales, e)
+    assert np.abs(np.asarray(got)[:, 2]).max() > 1e30  # the 2^127 block is really in the sum
+    # An index out of range clamps, as dynamic_slice does (the XLA path's behaviour).
+    np.testing.assert_array_equal(f(x, jnp.int32(E)), got)
+    np.testing.assert_array_equal(f(x, jnp.int32(-1)), f(x, jnp.int32(0)))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=["lut", "portable"])
+def test_smallest_scale_flushes_like_xla(target):
+    """Scale byte 0 (2^-127) and 1: weights below 2^-126 are flushed to zero as XLA's decode does,
+    the larger ones kept (inputs of 2^100 make the products normal floats)."""
+    blocks, _ = weights(5)
+    scales = np.random.default_rng(5).integers(0, 2, (E, O, I // 32), dtype=np.uint8)
+    x = (np.random.default_rng(6).normal(0, 1, (2, I)) * 2.0 ** 100).astype(np.float32)
+    got = native.expert_matmul(x, blocks, scales, 1, target=target)
+    check(got, x, blocks, scales, 1)
+
+
+def test_large_tile_and_threads():
+    """A 20b-like row count: 2 threads over 1152 output rows, 64 input rows (16 tiles of 4)."""
+    rng = np.random.default_rng(9)
+    blocks = rng.integers(0, 256, (2, 1152, 4, 16), dtype=np.uint8)
+    scales = rng.integers(110, 130, (2, 1152, 4), dtype=np.uint8)
+    x = rng.normal(0, 1, (64, 128)).astype(np.float32)
+    check(native.expert_matmul(x, blocks, scales, 1), x, blocks, scales, 1)
+
+
+def test_gradient_with_respect_to_x_equals_xla():
+    """``d/dx sum(c * (x @ W.T))`` (LoRA trains through it); the weights are constants."""
+    blocks, scales = weights(3, 118, 123)  # weights ~0.01-0.1, outputs ~1: cos(y) well conditioned
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(0, 1, (5, I)).astype(np.float32))
+    c = jnp.asarray(rng.normal(0, 1, (5, O)).astype(np.float32))
+
+    def loss(x, use):
+        y = expert_kernels.expert_matmul(x, (jnp.asarray(blocks), jnp.asarray(scales)), jnp.int32(2), jnp.float32,
+                                         native=use)
+        return jnp.sum(c * y * jnp.cos(y))
+
+    got, want = jax.grad(loss)(x, True), jax.grad(loss)(x, False)
+    assert np.abs(np.asarray(want)).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+# -- (b) the model ---------------------------------------------------------------------------------
+def logits_and_hlo(model, tokens):
+    """Logits of ``tokens`` and whether the compiled forward pass calls the native kernel."""
+    fn = jax.jit(lambda t: model.apply(t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape))[0])
+    return np.asarray(fn(tokens)), native.TARGET in fn.lower(tokens).as_text()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_logits_native_on_equal_off(mxfp4_dir, tokens, dtype):
+    """The tiny MXFP4 checkpoint with packed experts: the default (``"auto"``) uses the kernel, and its
+    logits equal XLA's (``native=False``); float32 tightly, bfloat16 within its rounding."""
+    model = oss_jax.load(mxfp4_dir, dtype=dtype, experts="packed")
+    t = jnp.asarray(tokens[:, :24])
+    on, uses = logits_and_hlo(model, t)
+    assert uses
+    model.set_attributes(native=False)
+    off, uses = logits_and_hlo(model, t)
+    assert not uses
+    tol = 1e-5 if dtype == "float32" else 0.05
+    assert np.abs(off).max() > 1
+    np.testing.assert_allclose(on, off, rtol=tol, atol=tol * np.abs(off).max())
+
+
+def test_generate_greedy_is_the_same(mxfp4_dir, tokens):
+    model = oss_jax.load(mxfp4_dir, dtype="float32", experts="packed")
+    prompt = tokens[:, :10]
+    on = oss_jax.generate(model, prompt, max_new_tokens=12)
+    model.set_attributes(native=False)
+    off = oss_jax.generate(model, prompt, max_new_tokens=12)
+    np.testing.assert_array_equal(on, off)
+
+
+def test_unknown_setting_is_an_error(mxfp4_dir):
+    model = oss_jax.load(mxfp4_dir, experts="packed")
+    model.set_attributes(native="yes")
+    with pytest.raises(ValueError, match="unknown native setting 'yes'"):
+        model(np.zeros((1, 3), np.int32))
+
+
+# -- (c) without the kernel ------------------------------------------------------------------------
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """The module as in a new process (nothing built or decided yet), with an empty cache."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("OSS_JAX_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("cxx, why", [("/nonexistent/c++", "CXX=/nonexistent/c++ is not a command"),
+                                      ("false", "false could not query its target")])
+def test_no_compiler_one_notice(fresh, monkeypatch, caplog, cxx, why):
+    """A missing or failing compiler: ``available()`` is False, one notice (once), ``auto`` falls back,
+    ``native=True`` is a one-line error."""
+    monkeypatch.setenv("CXX", cxx)
+    with caplog.at_level(logging.WARNING, logger="oss_jax"):
+        assert not native.available() and not native.available()
+        assert not native.enabled("auto")
+    (record,) = caplog.records
+    msg = record.getMessage()
+    assert why in msg and "XLA path" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match=re.escape(f"native=True: the native MXFP4 kernel is unavailable ({why}")):
+        native.enabled(True)
+    assert not list(fresh.rglob("*.tmp"))
+
+
+def test_turned_off_is_silent(fresh, monkeypatch, caplog):
+    monkeypatch.setenv("OSS_JAX_NATIVE", "0")
+    with caplog.at_level(logging.DEBUG, logger="oss_jax"):
+        assert not native.available()
+    assert not caplog.records
+    assert native.reason() == "turned off by OSS_JAX_NATIVE=0"
+
+
+def test_model_runs_without_a_compiler(mxfp4_dir, tokens, tmp_path):
+    """A new process whose CXX is missing (and an empty cache): one notice line on stderr, no traceback,
+    and the logits of the XLA path."""
+    out = tmp_path / "logits.npy"
+    code = ("import sys, numpy as np, oss_jax; m = oss_jax.load(sys.argv[1], dtype='float32', experts='packed'); "
+            "np.save(sys.argv[2], np.asarray(m(np.load(sys.argv[3]))))")
+    np.save(tmp_path / "tokens.npy", tokens[:, :24])
+    env = {**os.environ, "CXX": "/nonexistent/c++", "OSS_JAX_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code, str(mxfp4_dir), str(out), str(tmp_path / "tokens.npy")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == ["oss_jax: the native MXFP4 kernel is unavailable (CXX=/nonexistent/c++ is not a command); "
+                     "packed experts use the slower XLA path (OSS_JAX_NATIVE=0 silences this)"], r.stderr
+    model = oss_jax.load(mxfp4_dir, dtype="float32", experts="packed")
+    model.set_attributes(native=False)
+    want = np.asarray(model(tokens[:, :24]))
+    np.testing.assert_allclose(np.load(out), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
