@@ -39,44 +39,15 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
-from common import cpu_name, save
+from common import PeakRss, cpu_name, save, vm_hwm
 
 ROOT = Path(__file__).resolve().parents[1]
 ANCHOR = ROOT.parent / "shared" / "anchors" / "llamacpp"
 GIB = 1024**3
-
-
-class PeakRss:
-    """Samples a process's RSS (with its children) in a daemon thread; ``take()`` returns and resets the peak."""
-
-    def __init__(self, pid: int | None = None, interval_s: float = 0.02):
-        self.proc, self.interval_s, self.peak = psutil.Process(pid), interval_s, 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _rss(self) -> int:
-        try:
-            procs = [self.proc, *self.proc.children(recursive=True)]
-            return sum(p.memory_info().rss for p in procs)
-        except psutil.Error:
-            return 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            self._stop.wait(self.interval_s)
-
-    def take(self) -> int:
-        peak, self.peak = max(self.peak, self._rss()), 0
-        return peak
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def conversation(tokens: int) -> list[int]:
@@ -135,16 +106,9 @@ def ossjax_phase(args: argparse.Namespace) -> dict:
     out["generate_s"], out["generate_peak"] = time.perf_counter() - t, rss.take()
     assert np.array_equal(first, again) and np.array_equal(np.asarray(tokens), first), \
         "generate and prefill + decode disagree"  # full vocabulary: model ids are o200k ids
-    out["vmhwm"] = _vmhwm()
+    out["vmhwm"] = vm_hwm()
     rss.stop()
     return out
-
-
-def _vmhwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def llamacpp(args: argparse.Namespace) -> dict:

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import psutil
-from common import cpu_name, save
-from laptop_20b import PeakRss, _vmhwm, conversation
+from common import PeakRss, cpu_name, save, vm_hwm
+from laptop_20b import conversation
 
 GIB = 1024**3
 CARD_80GB = 81_559 * 1024**2  # what nvidia-smi reports for an H100 / A100 80 GB
@@ -98,7 +98,7 @@ def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
         ("first step (compile + run)", f"{first_s:.0f} s, peak {g(first_peak)}"),
         ("second step", f"{second_s:.1f} s, peak {g(second_peak)}"),
         ("loss, step 1 -> step 2", f"{loss1:.4f} -> {loss2:.4f}"),
-        ("peak RSS of the process (VmHWM)", g(_vmhwm())),
+        ("peak RSS of the process (VmHWM)", g(vm_hwm())),
         ("XLA's analysis of the step", f"arguments {g(mem['args'])}, temporaries {g(mem['temp'])}, "
                                        f"outputs {g(mem['out'])} ({g(mem['alias'])} aliased)"),
     ]

@@ -29,52 +29,14 @@ import runpy
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
-from common import cpu_name, save
+from common import PeakRss, cpu_name, save, vm_hwm
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
-
-
-class PeakRss:
-    """Samples this process's RSS in a daemon thread; ``peak`` since the last :meth:`reset`."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.interval_s, self.peak = interval_s, 0
-        self._proc, self._stop = psutil.Process(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def reset(self) -> int:
-        """Start a new phase: the peak restarts from the current RSS (returned)."""
-        now = self._proc.memory_info().rss
-        self.peak = now
-        return now
-
-
-def vm_hwm() -> int:
-    """The kernel's peak resident size of this process (bytes)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def preset(name: str):
@@ -119,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.min_tokens}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="routes-20b-")) / "report"
-    with PeakRss() as rss:
+    with PeakRss(interval_s=0.05) as rss:
         start_rss = rss.reset()
         t0 = time.perf_counter()
         model = oss_jax.load(ckpt, progress=True)
