@@ -7,8 +7,9 @@ times the values), then the :class:`Attention` layer (projections, RoPE, the KV 
 projection).
 
 These functions are the reference. By default (``impl="fast"``) the layer computes the same
-numbers with ``oss_jax.kernels.attention``, which materialises no ``T x S`` array for long inputs;
-``impl="reference"`` calls :func:`attention` itself.
+numbers with ``oss_jax.kernels.attention``, which materialises no ``T x S`` array for long inputs, and
+its projections with ``oss_jax.kernels.linear`` (at a decode step on the CPU, a native kernel that reads
+the bf16 weights in place); ``impl="reference"`` calls :func:`attention` and ``jnp.einsum`` itself.
 
 Shape letters: the legend in ``oss_jax/model.py``.
 """
@@ -23,6 +24,7 @@ from oss_jax import rope
 from oss_jax.cache import LayerCache
 from oss_jax.config import Config
 from oss_jax.kernels import attention as fast
+from oss_jax.kernels import linear
 from oss_jax.kernels.attention import blockwise, blockwise_causal  # noqa: F401  (re-exported)
 from oss_jax.layers import Recording, check_impl, f32, param, sow
 
@@ -114,9 +116,14 @@ class Attention(nnx.Module):
         queries read the cache. A ring buffer may overwrite keys the chunk's earlier queries still
         need, so those read ``ring ++ chunk`` and the ring is updated afterwards.
         """
-        q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...]) + self.bq_NH[...]
-        k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk_DKH[...]) + self.bk_KH[...]
-        v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv_DKH[...]) + self.bv_KH[...]
+        reference = check_impl(self.impl) == "reference"
+        if reference:
+            q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...])
+            k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk_DKH[...])
+            v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv_DKH[...])
+        else:  # the same products; at a decode step without XLA's float32 copy of the weights (kernels.linear)
+            q, k, v = (linear.project(x_BTD, w[...]) for w in (self.wq_DNH, self.wk_DKH, self.wv_DKH))
+        q, k, v = q + self.bq_NH[...], k + self.bk_KH[...], v + self.bv_KH[...]
         if self.lora is not None:  # q, k, v += (alpha / r) x A B, for the adapted ones
             q, k, v = self.lora.add("q", x_BTD, q), self.lora.add("k", x_BTD, k), self.lora.add("v", x_BTD, v)
         inv_freq, concentration = rope.yarn_inv_freq(*self.rope_args)
@@ -134,17 +141,19 @@ class Attention(nnx.Module):
             keys, values, k_pos = cache.k, cache.v, cache.pos
         values = values.astype(v.dtype)
         sinks = self.sinks_N[...]
-        if check_impl(self.impl) == "reference":
+        if reference:
             o = attention(q, keys, values, sinks, positions_BT, k_pos, self.window)
         else:
             o = fast.attend(q, keys, values, sinks, positions_BT, k_pos, self.window, self_attention=cache is None)
         rec = self.recording
         if rec is not None and (rec.sinks or rec.attention_window is not None):
             self._record(q, keys, sinks, positions_BT, k_pos, self_attention=cache is None)
-        # The output projection as one [B*T, N*H] @ [N*H, D] matmul: as an einsum over (n, h), XLA's
-        # CPU backend may transpose the whole weight to suit the attention output's layout, every call.
-        B, T, N, H = o.shape
-        out = (o.reshape(B * T, N * H) @ self.wo_NHD[...].reshape(N * H, -1)).reshape(B, T, -1)
+        if reference:
+            out = jnp.einsum("btnh,nhd->btd", o, self.wo_NHD[...])
+        else:  # as one [B*T, N*H] @ [N*H, D] product: as an einsum over (n, h), XLA's CPU backend may
+            # transpose the whole weight to suit the attention output's layout, every call.
+            B, T, N, H = o.shape
+            out = linear.project(o.reshape(B, T, N * H), self.wo_NHD[...].reshape(N * H, -1))
         if self.lora is not None:
             out = self.lora.add("o", o, out)
         return out + self.bo_D[...], cache

@@ -181,21 +181,26 @@ def test_long_prompt_blockwise_matches_transformers(model, hf_tiny):
     np.testing.assert_array_equal(ours, hf_generate(hf_tiny, [seq[0]], 4))
 
 
-def test_decode_loop_holds_no_more_than_one_step(monkeypatch):
+@pytest.mark.parametrize("bf16_kernel", [False, True], ids=["xla", "native"])
+def test_decode_loop_holds_no_more_than_one_step(monkeypatch, bf16_kernel):
     """XLA compiles the token loop with the working memory of one step: the weights' float32 conversions are
     not hoisted out of the loop (all layers' copies at once), and the unembedding is converted a slice at a
-    time (``kernels.logits``). Measured by XLA's memory analysis of both programs, on abstract weights in bf16
-    with a vocabulary large enough that its float32 copy would dominate."""
+    time (``kernels.logits``); with the native bf16 kernel (``kernels.linear``, where it builds) there are no
+    such copies at all. Measured by XLA's memory analysis of both programs, on abstract weights in bf16 with a
+    vocabulary large enough that its float32 copy would dominate."""
     import importlib
 
     import jax.numpy as jnp
 
     from oss_jax.config import GPT_OSS_20B
+    from oss_jax.kernels import linear
     from oss_jax.kernels import logits as fast_logits
     from oss_jax.model import GptOss
 
     G = importlib.import_module("oss_jax.generate")
     monkeypatch.setattr(fast_logits, "SLICE_BYTES", 1 << 20)  # 20 slices of this vocabulary
+    if not bf16_kernel:
+        monkeypatch.setattr(linear, "MAX_ROWS", 0)  # XLA's products, whatever the machine has
     cfg = GPT_OSS_20B.replace(num_hidden_layers=4, hidden_size=256, intermediate_size=256, num_experts=8,
                               layer_types=GPT_OSS_20B.layer_types[:4], vocab_size=20000, quant_method="mxfp4")
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GptOss(cfg, packed=True, dtype=jnp.bfloat16)))

@@ -1,4 +1,4 @@
-"""The native MXFP4 kernel (``oss_jax.kernels.native``) against the reference, and its fallback.
+"""The native kernels (``oss_jax.kernels.native``) against the reference, and their fallback.
 
 (a) the kernel: both decoders (the register look-up and the portable arithmetic one) equal
 ``oss_jax.mxfp4.matmul`` on random codes, several experts, odd row counts and ragged tiles, the
@@ -6,6 +6,9 @@ extreme scale bytes 0, 127 and 254; its gradient with respect to ``x`` equals XL
 (b) the model: logits with ``native`` on and off, greedy ``generate``, packed MXFP4 checkpoint.
 (c) no compiler, a failing one, ``OSS_JAX_NATIVE=0``: the XLA path, one notice line (none when
 turned off on purpose), the same logits; ``native=True`` then a one-line error.
+(d) the bf16 kernel (``bf16_cpu.cc``: ``x @ w`` and ``x @ w.T``) against float64 products, every tile and
+tail; its gradients; ``kernels.linear``'s rule for when it runs; a bf16 model's decode steps with it
+(``impl="fast"``) against the reference einsums.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pytest
 import oss_jax
 from oss_jax import mxfp4
 from oss_jax.kernels import experts as expert_kernels
-from oss_jax.kernels import native
+from oss_jax.kernels import linear, native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.reason()}")
 TARGETS = [native.TARGET, native.PORTABLE_TARGET]
@@ -194,9 +197,97 @@ def test_model_runs_without_a_compiler(mxfp4_dir, tokens, tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines == ["oss_jax: the native MXFP4 kernel is unavailable (CXX=/nonexistent/c++ is not a command); "
-                     "packed experts use the slower XLA path (OSS_JAX_NATIVE=0 silences this)"], r.stderr
+    assert lines == ["oss_jax: the native CPU kernels are unavailable (CXX=/nonexistent/c++ is not a command); "
+                     "packed experts and bf16 decode steps use the slower XLA path (OSS_JAX_NATIVE=0 silences this)"
+                     ], r.stderr
     model = oss_jax.load(mxfp4_dir, dtype="float32", experts="packed")
     model.set_attributes(native=False)
     want = np.asarray(model(tokens[:, :24]))
     np.testing.assert_allclose(np.load(out), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+# -- (d) the bf16 kernel: attention projections and the unembedding at a decode step ----------------------------
+@pytest.mark.parametrize("transposed", [False, True], ids=["nn", "nt"])
+@pytest.mark.parametrize("R, I, O", [(1, 96, 38), (3, 70, 517), (5, 4099, 7), (9, 33, 1030)])
+def test_bf16_kernel_equals_the_product(transposed, R, I, O):
+    """``x @ w`` (nn, ``w [I, O]``) and ``x @ w.T`` (nt, ``w [O, I]``) for bf16 ``w``, against float64: I not a
+    multiple of the SIMD width or of 4 (scalar tails), O not of the 512-column blocks nor of the 4-row tiles,
+    R past the 4-row tiles, and 1030 x 33 x 9 large enough to use a second thread."""
+    rng = np.random.default_rng(R * 10_000 + I)
+    x = rng.normal(0, 1, (R, I)).astype(np.float32)
+    w = jnp.asarray(rng.normal(0, 1, (O, I) if transposed else (I, O)), jnp.bfloat16)
+    w_IO = np.asarray(w.astype(jnp.float32), np.float64)
+    w_IO = w_IO.T if transposed else w_IO
+    want = x.astype(np.float64) @ w_IO
+    got = np.asarray(jax.jit(native.bf16_matmul, static_argnums=2)(x, w, transposed))
+    assert got.shape == (R, O) and got.dtype == np.float32
+    bound = 1e-6 * np.sqrt(I) * (np.abs(x) @ np.abs(w_IO))  # float32 sums of I products
+    bad = np.abs(got - want) > bound
+    assert not bad.any(), f"{bad.sum()} outputs differ, first at {np.argwhere(bad)[0]}"
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["nn", "nt"])
+def test_bf16_kernel_gradients_equal_xla(transposed):
+    """Gradients with respect to ``x`` and ``w`` (full training and LoRA go through a decode-sized batch)."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(0, 1, (3, 40)), jnp.float32)
+    w = jnp.asarray(rng.normal(0, 0.2, (24, 40) if transposed else (40, 24)), jnp.bfloat16)
+    c = jnp.asarray(rng.normal(0, 1, (3, 24)), jnp.float32)
+
+    def loss(x, w, use):
+        w32 = w.astype(jnp.float32)
+        y = native.bf16_matmul(x, w, transposed) if use else x @ (w32.T if transposed else w32)
+        return jnp.sum(c * y * jnp.cos(y))
+
+    got, want = jax.grad(loss, (0, 1))(x, w, True), jax.grad(loss, (0, 1))(x, w, False)
+    for g, v in zip(got, want, strict=True):
+        assert g.dtype == v.dtype and np.abs(np.asarray(v, np.float32)).max() > 0
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(v, np.float32), rtol=1e-2,
+                                   atol=1e-2 * float(jnp.max(jnp.abs(v.astype(jnp.float32)))))
+
+
+def test_project_runs_the_kernel_for_a_decode_step_only(monkeypatch):
+    """``kernels.linear.project``: the kernel for bf16 weights and at most ``MAX_ROWS`` rows of ``x`` (the same
+    numbers as the einsum up to bf16 rounding); the einsum itself for more rows, for float32, and when the
+    kernels are turned off."""
+    calls = []
+    kernel = native.bf16_matmul
+    monkeypatch.setattr(native, "bf16_matmul", lambda *a, **k: calls.append(a[1].shape) or kernel(*a, **k))
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.normal(0, 1, (40, 5, 6)), jnp.bfloat16)
+    for shape in [(1, 1, 40), (2, 4, 40), (3, 3, 40)]:  # 1 and 8 rows: the kernel; 9 rows: XLA
+        x = jnp.asarray(rng.normal(0, 1, shape), jnp.bfloat16)
+        calls.clear()
+        got = linear.project(x, w)
+        want = jnp.einsum("btd,dnh->btnh", x, w)
+        assert got.shape == want.shape and got.dtype == jnp.bfloat16
+        assert calls == ([(40, 30)] if shape[0] * shape[1] <= linear.MAX_ROWS else []), shape
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=0.05)
+    calls.clear()
+    linear.project(jnp.ones((1, 1, 40), jnp.float32), w.astype(jnp.float32))
+    monkeypatch.setattr(native, "_state", {"error": "turned off by OSS_JAX_NATIVE=0"})
+    linear.project(jnp.ones((1, 1, 40), jnp.bfloat16), w)
+    assert calls == []
+
+
+def test_bf16_model_decode_steps_equal_the_reference(mxfp4_dir, tokens):
+    """A bf16 model's decode-sized passes (2 sequences x 1 token) and greedy ``generate`` (whose steps use
+    the kernel for q, k, v, o and the unembedding) equal the reference einsums (``impl="reference"``)."""
+    model = oss_jax.load(mxfp4_dir, dtype="bfloat16", experts="packed")
+    step = tokens[:2, 5:6]
+
+    def logits(model):
+        fn = jax.jit(lambda t: model.apply(t, jnp.full(t.shape, 5, jnp.int32))[0])
+        return np.asarray(fn(step)), fn.lower(step).as_text()
+
+    fast, hlo = logits(model)
+    assert native.BF16_NN in hlo and native.BF16_NT in hlo
+    prompt = tokens[:2, :10]
+    out = {"fast": oss_jax.generate(model, prompt, max_new_tokens=12)}
+    model.set_attributes(impl="reference")
+    ref, hlo = logits(model)
+    assert native.BF16_NN not in hlo and native.BF16_NT not in hlo
+    out["reference"] = oss_jax.generate(model, prompt, max_new_tokens=12)
+    assert np.abs(ref).max() > 1
+    np.testing.assert_allclose(fast, ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
+    np.testing.assert_array_equal(out["fast"], out["reference"])

@@ -20,13 +20,16 @@ model to the reference math (see ``oss_jax.model.GptOss``).
 * ``kernels.mxfp4`` (equals ``mxfp4.decode`` and ``mxfp4.matmul``): decoding that builds float32
   bit patterns instead of looking values up, and a matmul on the two nibble planes that never
   interleaves the decoded weight.
-* ``kernels.native`` (equals ``mxfp4.matmul``, in ``tests/test_native.py``): a C++ CPU kernel
+* ``kernels.native`` (equals ``mxfp4.matmul`` and bf16 products, in ``tests/test_native.py``): a C++ CPU kernel
   (``native/mxfp4_cpu.cc``, an XLA FFI custom call compiled on first use) for one packed expert's
   matrix product, reading the 4-bit codes in place with a table look-up in registers; the packed
   experts use it on the CPU where it builds (``Experts.native``), else XLA's decode.
 * ``kernels.logits`` (equals the unembedding's einsum in ``GptOss.apply``): the logits a slice of
   the vocabulary at a time, so XLA's CPU backend never holds a float32 copy of the whole
   unembedding (2.2 GiB on gpt-oss).
+* ``kernels.linear`` (equals the einsums of ``Attention``; the unembedding through ``kernels.logits``):
+  at a decode step (at most ``MAX_ROWS`` rows), bf16 weights multiplied by the native kernel
+  (``native/bf16_cpu.cc``), which reads them in place instead of XLA's float32 copy of each.
 
 Shape letters: the legend in ``oss_jax/model.py``. Nothing here imports the modules that use it.
 """

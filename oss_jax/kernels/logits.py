@@ -8,12 +8,17 @@ slice's copy is freed before the next one is made (XLA's low-memory CPU schedule
 so the working memory is one slice. Each logit is still one dot product over all of D, as in the
 reference ``einsum`` (``oss_jax.model.GptOss.apply`` with ``impl="reference"``), equal up to float32 rounding
 (XLA may block the sum differently).
+
+A decode step (at most ``kernels.linear.MAX_ROWS`` rows of ``x``) skips the float32 copy altogether: the
+native bf16 kernel reads ``W`` in place where it builds (``kernels.linear``).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from oss_jax.kernels import linear, native
 
 SLICE_BYTES = 128 << 20  # float32 bytes of one slice of W (about 12,000 rows of gpt-oss's 2,880)
 
@@ -22,6 +27,9 @@ def unembed(x_BTD: jax.Array, w_VD: jax.Array, slice_bytes: int | None = None) -
     """Logits ``x @ w.T``, ``[B, T, D] x [V, D] -> [B, T, V]`` float32, ``w`` read in row slices of at most
     ``slice_bytes`` (as float32; default ``SLICE_BYTES``): one piece when ``w`` is small."""
     V, D = w_VD.shape
+    B, T, _ = x_BTD.shape
+    if linear.native_rows(B * T, w_VD):  # a decode step: the bf16 rows read in place (kernels.linear)
+        return native.bf16_matmul(x_BTD.reshape(B * T, D), w_VD, transposed=True).reshape(B, T, V)
     slice_bytes = SLICE_BYTES if slice_bytes is None else slice_bytes
     rows = max(1, min(V, slice_bytes // (4 * D)))
     pieces = [jnp.einsum("btd,vd->btv", x_BTD, w_VD[start:start + rows], preferred_element_type=jnp.float32)

@@ -1,9 +1,12 @@
-"""A native CPU kernel for the packed MXFP4 experts, compiled on first use.
+"""Native CPU kernels for a decode step of gpt-oss, compiled on first use.
 
 ``mxfp4_cpu.cc`` (read it: it is also a lesson in how llama.cpp-class kernels read 4-bit weights) is
 an XLA FFI custom call computing ``x @ decode(blocks[e], scales[e]).T`` for expert ``e`` straight from
 the packed bytes, without copying the expert or expanding it in memory: at batch 1 about 10x XLA's
 decode + matmul on the CPU (``benchmarks/results/mxfp4_kernel.md``), 12 G weights/s per core on AVX-512.
+``bf16_cpu.cc`` multiplies by a bf16 weight read in place (``x @ w`` and ``x @ w.T``): the attention
+projections and the unembedding of a decode step (``kernels.linear``), which XLA's CPU backend would first
+copy to float32. Both are compiled into one library; ``common.h`` holds what they share.
 
 :func:`available` builds it once with the system C++ compiler (``$CXX``, else ``c++``, ``g++`` or
 ``clang++``; ``-O3 -march=native``) into ``$OSS_JAX_CACHE/native`` (``~/.cache/oss-jax/native``), named by a
@@ -36,9 +39,12 @@ import jaxlib
 from oss_jax.kernels import mxfp4
 from oss_jax.mxfp4 import BLOCK, checked
 
-SOURCE = Path(__file__).with_name("mxfp4_cpu.cc")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "mxfp4_cpu.cc", HERE / "bf16_cpu.cc"]  # compiled together into one library
+HEADERS = [HERE / "common.h"]
 TARGET = "oss_jax_mxfp4_matmul"  # the fastest decoder the compiler offers (a register table look-up on GCC)
 PORTABLE_TARGET = "oss_jax_mxfp4_matmul_arith"  # the portable decoder, the same values (tests compare both)
+BF16_NN, BF16_NT = "oss_jax_bf16_matmul_nn", "oss_jax_bf16_matmul_nt"  # bf16_cpu.cc: x @ w, x @ w.T
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}  # "error": None once registered, else why not (after the first try)
@@ -70,8 +76,8 @@ def reason() -> str | None:
                     _state["error"] = None
                 except (Unavailable, OSError) as err:  # OSError: the source or the cache unreadable, say
                     _state["error"] = str(err)
-                    log.warning("oss_jax: the native MXFP4 kernel is unavailable (%s); packed experts use the "
-                                "slower XLA path (OSS_JAX_NATIVE=0 silences this)", err)
+                    log.warning("oss_jax: the native CPU kernels are unavailable (%s); packed experts and bf16 "
+                                "decode steps use the slower XLA path (OSS_JAX_NATIVE=0 silences this)", err)
         return _state["error"]
 
 
@@ -110,7 +116,7 @@ def expert_matmul(x_RI: jax.Array, blocks: jax.Array, scales: jax.Array, e: jax.
     """
     why = reason()
     if why is not None:
-        raise RuntimeError(f"kernels.native.expert_matmul: the native MXFP4 kernel is unavailable ({why})")
+        raise RuntimeError(f"kernels.native.expert_matmul: the native kernels are unavailable ({why})")
     blocks, scales = checked(blocks, scales, "kernels.native.expert_matmul")
     if blocks.ndim != 4 or x_RI.ndim != 2 or x_RI.shape[1] != blocks.shape[2] * BLOCK:
         raise ValueError(f"kernels.native.expert_matmul: x {x_RI.shape} does not match blocks {blocks.shape} "
@@ -140,6 +146,46 @@ def _matmul_bwd(target, res, dy_RO):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def bf16_matmul(x_RI: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
+    """``x @ w`` (``w [I, O]``), or ``x @ w.T`` when ``transposed`` (``w [O, I]``) -> ``[R, O]`` float32, by the
+    native bf16 kernel (``bf16_cpu.cc``): ``w`` bfloat16 read in place, ``x`` computed in float32.
+
+    Differentiable (the backward pass is XLA's: ``dx = dy @ w.T``, ``dw = x.T @ dy``). Builds the kernel on
+    the first call; a one-line ``RuntimeError`` where it cannot.
+    """
+    why = reason()
+    if why is not None:
+        raise RuntimeError(f"kernels.native.bf16_matmul: the native kernels are unavailable ({why})")
+    I = w.shape[1] if transposed else w.shape[0]
+    if w.dtype != jnp.bfloat16 or w.ndim != 2 or x_RI.ndim != 2 or x_RI.shape[1] != I:
+        raise ValueError(f"kernels.native.bf16_matmul: x {x_RI.shape} and bfloat16 w {w.shape} do not match "
+                         f"(got {w.dtype}; expected x [R, I] and w {'[O, I]' if transposed else '[I, O]'})")
+    return _bf16(transposed, x_RI.astype(jnp.float32), w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bf16(transposed: bool, x_RI: jax.Array, w: jax.Array) -> jax.Array:
+    O = w.shape[0] if transposed else w.shape[1]
+    call = jax.ffi.ffi_call(BF16_NT if transposed else BF16_NN, jax.ShapeDtypeStruct((x_RI.shape[0], O), jnp.float32),
+                            vmap_method="sequential")
+    return call(x_RI, w)
+
+
+def _bf16_fwd(transposed, x_RI, w):
+    return _bf16(transposed, x_RI, w), (x_RI, w)
+
+
+def _bf16_bwd(transposed, res, dy_RO):
+    x_RI, w = res
+    w32 = w.astype(jnp.float32)
+    if transposed:  # y = x @ w.T
+        return dy_RO @ w32, (dy_RO.T @ x_RI).astype(w.dtype)
+    return dy_RO @ w32.T, (x_RI.T @ dy_RO).astype(w.dtype)
+
+
+_bf16.defvjp(_bf16_fwd, _bf16_bwd)
+
+
 # -- building ----------------------------------------------------------------------------------------------------
 def compiler() -> list[str]:
     """The C++ compiler's command: ``$CXX`` (split like a shell), else the first of c++, g++, clang++."""
@@ -163,11 +209,12 @@ def build() -> Path:
     if target is None:  # a compiler without -march=native (some ARM clangs): its default target
         march = []
         target = _run([*cxx, "-dM", "-E", "-x", "c++", os.devnull], "query its target")
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), target.encode(), " ".join(cxx + march + _FLAGS).encode(),
+    code = [path.read_bytes() for path in SOURCES + HEADERS]
+    key = hashlib.sha256(b"\0".join([*code, target.encode(), " ".join(cxx + march + _FLAGS).encode(),
                                      jaxlib.__version__.encode()])).hexdigest()[:16]
     root = os.environ.get("OSS_JAX_CACHE")  # as oss_jax.harmony's vocabulary cache
     cache = (Path(root).expanduser() if root else Path.home() / ".cache" / "oss-jax") / "native"
-    lib = cache / f"mxfp4_cpu-{key}.so"
+    lib = cache / f"oss_jax_cpu-{key}.so"
     if lib.is_file():
         return lib
     try:
@@ -177,7 +224,7 @@ def build() -> Path:
     except OSError as err:
         raise Unavailable(f"cannot write {cache}: {err.strerror or err}") from None
     try:
-        _run([*cxx, *march, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp], "compile")
+        _run([*cxx, *march, *_FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp], "compile")
         os.replace(tmp, lib)  # atomic: another process sees the whole library or none
     finally:
         if os.path.exists(tmp):
@@ -200,10 +247,11 @@ def _run(cmd: list[str], what: str, ok: bool = False) -> str | None:
 
 
 def _register(lib: Path) -> None:
-    """Load the library and register its two handlers with XLA for the CPU platform."""
+    """Load the library and register its handlers with XLA for the CPU platform."""
     try:
         so = ctypes.CDLL(str(lib))
-        for name, symbol in ((TARGET, so.OssJaxMxfp4Matmul), (PORTABLE_TARGET, so.OssJaxMxfp4MatmulArith)):
+        for name, symbol in ((TARGET, so.OssJaxMxfp4Matmul), (PORTABLE_TARGET, so.OssJaxMxfp4MatmulArith),
+                             (BF16_NN, so.OssJaxBf16MatmulNN), (BF16_NT, so.OssJaxBf16MatmulNT)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, AttributeError) as err:
         raise Unavailable(f"cannot load {lib}: {err}") from None

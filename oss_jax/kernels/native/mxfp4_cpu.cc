@@ -32,16 +32,15 @@
 //    separate products). Output rows are independent: threads claim chunks of them in turn.
 
 #include <algorithm>
-#include <atomic>
-#include <memory>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using oss_jax::fvec, oss_jax::ivec, oss_jax::kLanes, oss_jax::load;
 
 namespace {
 
@@ -51,29 +50,13 @@ constexpr int kRows = 4;        // output rows of a tile: each load of x serves 
 constexpr int kGroup = 4;       // input rows of a tile: each decoded block serves all of them
 constexpr int64_t kChunk = 64;  // output rows a thread claims at a time
 
-// A SIMD register of floats (GCC and Clang vector extensions: arithmetic is per lane): 16 lanes
-// with AVX-512's 512-bit registers, 8 with AVX's 256 bits, else 4 (128 bits: ARM NEON, SSE). A
-// block's 16 low-nibble codes (its even inputs), or its 16 high ones, fill kVecs registers.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
+// A block's 16 low-nibble codes (its even inputs), or its 16 high ones, fill kVecs registers of kLanes
+// floats (common.h: 16 lanes with AVX-512, 8 with AVX, else 4).
 constexpr int kVecs = 16 / kLanes;
-typedef float fvec __attribute__((vector_size(4 * kLanes)));
-typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
 
 // The value of each E2M1 code: bit 3 is the sign, bits 0-2 pick 0, 0.5, 1, 1.5, 2, 3, 4 or 6.
 alignas(64) constexpr float kFp4[16] = {+0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                         -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-
-inline fvec load(const float* p) {
-  fvec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // Multiply a decoded block by its scale 2^(s - 127). An E8M0 byte is exactly a float32 exponent
 // field (bias 127 in both formats): the float with bits s << 23. s = 255 (NaN in the OCP spec, never
@@ -171,9 +154,7 @@ void tile(const uint8_t* q, const uint8_t* s, int64_t nb, const float* xe, const
   }
   for (int t = 0; t < T; ++t) {
     for (int g = 0; g < G; ++g) {
-      float sum = 0.0f;
-      for (int j = 0; j < kLanes; ++j) sum += acc[t][g][j];
-      y[g * O + t] = sum;
+      y[g * O + t] = oss_jax::lane_sum(acc[t][g]);
     }
   }
 }
@@ -220,30 +201,10 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::U8, 4> blocks, ff
     xo[i] = xp[2 * i + 1];
   }
   float* yp = y->typed_data();
-  // Output rows in chunks of kChunk, claimed in turn by this thread and by tasks on XLA's own CPU
-  // thread pool (no thread started per call). A task that starts late, or never, finds nothing left
-  // to claim: this thread waits only for chunks in progress, never for a task to be scheduled. The
-  // tasks share the counters through a shared_ptr, as they may start after this call returns.
-  struct Claims {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto claims = std::make_shared<Claims>();
-  auto work = [=, &xe, &xo](Claims& c) {
-    for (int64_t o; (o = c.next.fetch_add(kChunk)) < O;) {
-      const int64_t end = std::min(o + kChunk, O);
-      rows<kLut>(q, s, nb, xe.data(), xo.data(), R, yp, O, o, end);
-      c.done.fetch_add(end - o);
-    }
-  };
-  // One task fewer than the pool has threads (this thread is the last worker; XLA sizes the pool to
-  // the cores), none beyond the chunks, and each at least ~64k weights x rows of work.
-  const int64_t chunks = (O + kChunk - 1) / kChunk;
-  const int64_t tasks = std::min<int64_t>({pool.num_threads() - 1, chunks - 1, O * I * R / 65536});
-  for (int64_t t = 0; t < tasks; ++t) {
-    pool.Schedule([claims, work] { work(*claims); });
-  }
-  work(*claims);
-  while (claims->done.load() < O) std::this_thread::yield();
+  // Output rows are independent: chunks of kChunk of them, spread over XLA's threads (common.h).
+  oss_jax::parallel_chunks(pool, O, kChunk, I * R, [&](int64_t o0, int64_t o1) {
+    rows<kLut>(q, s, nb, xe.data(), xo.data(), R, yp, O, o0, o1);
+  });
   return ffi::Error::Success();
 }
 
