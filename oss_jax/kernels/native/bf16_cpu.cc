@@ -18,13 +18,15 @@
 // - nt: an output is the dot product of x with one contiguous row of w. Tiles of kRows rows of w by
 //   kGroup rows of x keep kRows x kGroup sums in registers, each in kLanes independent lanes, added
 //   together once at the end (as in mxfp4_cpu.cc).
-// - nn: an output column is spread over all rows of w. Each thread takes a block of kCols columns and
-//   walks down the rows four at a time, adding x[r, i] * w[i, block] into y's block (which stays in
-//   the L1 cache). Each output is summed in the order of i, so the result does not depend on how
-//   many threads ran.
+// - nn: an output column is spread over all rows of w. Reading down a column would jump a whole row
+//   of w at every step; instead threads take blocks of kBlock whole rows (one contiguous stretch of
+//   memory each), and walk them four rows at a time, adding x[r, i] * w[i, :] into the block's own
+//   partial sums (R x O floats, in the cache). The partials are then added in block order, so the
+//   result does not depend on which thread ran which block.
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 #include "xla/ffi/api/ffi.h"
@@ -37,7 +39,7 @@ namespace {
 constexpr int kRows = 4;           // nt: rows of w in a tile; each load of x serves all of them
 constexpr int kGroup = 4;          // nt: rows of x in a tile; each load of w serves all of them
 constexpr int64_t kChunk = 64;     // nt: output rows a thread claims at a time
-constexpr int64_t kCols = 512;     // nn: output columns a thread claims at a time (1 KB of each row of w)
+constexpr int64_t kBlock = 256;    // nn: rows of w in a block (one thread's contiguous stretch of memory)
 
 typedef uint16_t hvec __attribute__((vector_size(2 * kLanes)));
 typedef uint32_t uvec __attribute__((vector_size(4 * kLanes)));
@@ -98,37 +100,38 @@ void nt_rows(const float* x, int64_t R, const uint16_t* w, int64_t I, float* y, 
   }
 }
 
-// nn: y[:, o0:o1] = x @ w[:, o0:o1], walking down the rows of w; y's block accumulates in place.
-void nn_cols(const float* x, int64_t R, const uint16_t* w, int64_t I, float* y, int64_t O, int64_t o0, int64_t o1) {
-  for (int64_t r = 0; r < R; ++r) std::memset(y + r * O + o0, 0, (o1 - o0) * sizeof(float));
-  const int64_t vend = o0 + (o1 - o0) / kLanes * kLanes;  // columns past vend: one at a time
-  int64_t i = 0;
-  for (; i + 4 <= I; i += 4) {  // four rows of w per pass: one load and store of y per four products
+// nn, one block of rows [i0, i1) of w: part (R x O, its own partial sums) = x[:, i0:i1] @ w[i0:i1, :].
+void nn_block(const float* x, int64_t R, const uint16_t* w, int64_t I, float* part, int64_t O, int64_t i0,
+              int64_t i1) {
+  std::memset(part, 0, R * O * sizeof(float));
+  const int64_t vend = O / kLanes * kLanes;
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
     const uint16_t* wi = w + i * O;
-    for (int64_t o = o0; o < vend; o += kLanes) {
+    for (int64_t o = 0; o < vend; o += kLanes) {
       const fvec w0 = load_bf16(wi + o), w1 = load_bf16(wi + O + o), w2 = load_bf16(wi + 2 * O + o),
                  w3 = load_bf16(wi + 3 * O + o);
       for (int64_t r = 0; r < R; ++r) {
         const float* xr = x + r * I + i;
-        fvec acc = load(y + r * O + o);
+        fvec acc = load(part + r * O + o);
         acc += xr[0] * w0;
         acc += xr[1] * w1;
         acc += xr[2] * w2;
         acc += xr[3] * w3;
-        store(y + r * O + o, acc);
+        store(part + r * O + o, acc);
       }
     }
-    for (int64_t o = vend; o < o1; ++o) {
+    for (int64_t o = vend; o < O; ++o) {
       for (int64_t r = 0; r < R; ++r) {
         const float* xr = x + r * I + i;
-        float& acc = y[r * O + o];
+        float& acc = part[r * O + o];
         for (int k = 0; k < 4; ++k) acc += xr[k] * bf16(wi[k * O + o]);
       }
     }
   }
-  for (; i < I; ++i) {  // the last I % 4 rows
-    for (int64_t o = o0; o < o1; ++o) {
-      for (int64_t r = 0; r < R; ++r) y[r * O + o] += x[r * I + i] * bf16(w[i * O + o]);
+  for (; i < i1; ++i) {
+    for (int64_t o = 0; o < O; ++o) {
+      for (int64_t r = 0; r < R; ++r) part[r * O + o] += x[r * I + i] * bf16(w[i * O + o]);
     }
   }
 }
@@ -150,9 +153,18 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::BF16, 2> w, ffi::
       nt_rows(xp, R, wp, I, yp, O, o0, o1);
     });
   } else {
-    oss_jax::parallel_chunks(pool, O, kCols, I * R, [&](int64_t o0, int64_t o1) {
-      nn_cols(xp, R, wp, I, yp, O, o0, o1);
+    const int64_t blocks = (I + kBlock - 1) / kBlock;
+    std::vector<float> parts(blocks * R * O);
+    oss_jax::parallel_chunks(pool, blocks, 1, kBlock * O * R, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        nn_block(xp, R, wp, I, parts.data() + c * R * O, O, c * kBlock, std::min(I, (c + 1) * kBlock));
+      }
     });
+    std::memcpy(yp, parts.data(), R * O * sizeof(float));
+    for (int64_t c = 1; c < blocks; ++c) {  // in block order: the same sums whichever thread ran a block
+      const float* part = parts.data() + c * R * O;
+      for (int64_t j = 0; j < R * O; ++j) yp[j] += part[j];
+    }
   }
   return ffi::Error::Success();
 }
