@@ -204,9 +204,11 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, posi
 
     Returns the logits ``[B, V]`` at the last position (every row ends there: prompts are left-padded)
     and the cache."""
-    for piece, pos, n in padded_chunks(tokens_BT, positions_BT, chunk):
-        logits, cache = compiled_apply(graphdef, state, piece, pos, cache, last_only=n == chunk)
-    return logits[:, -1 if n == chunk else n - 1], cache
+    for piece, pos, _ in padded_chunks(tokens_BT, positions_BT, chunk):
+        # Logits of the last real token only, also in a right-padded last chunk: all of that chunk's
+        # would be chunk x vocabulary floats (412 MB for gpt-oss at 512 tokens).
+        logits, cache = compiled_apply(graphdef, state, piece, pos, cache, last_only=True)
+    return logits[:, 0], cache
 
 
 def decode(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, logits_BV: jax.Array, plan: Plan,

@@ -147,7 +147,8 @@ class GptOss(nnx.Module):
           tokens_BT: int32 ``[B, T]``.
           positions_BT: int32 ``[B, T]`` absolute positions; ``-1`` marks padding (never attended to).
           cache: a ``KVCache`` to read and extend (generation), or None.
-          last_only: return logits for the last position only (``[B, 1, V]``), as a prefill needs.
+          last_only: return logits for the last position only (``[B, 1, V]``), as a prefill needs: in each
+            row the column with the largest position, so a right-padded chunk gives its last real token.
 
         Returns:
           ``(logits [B, T, V] float32, updated cache or None)``.
@@ -162,8 +163,9 @@ class GptOss(nnx.Module):
             new_layers.append(layer_cache)
             if record:
                 self.sow(nnx.Intermediate, "residual", x)
-        if last_only:
-            x = x[:, -1:]
+        if last_only:  # the last real column of each row (padding, at position -1, comes after it)
+            last_B = jnp.argmax(positions_BT, axis=1)
+            x = jnp.take_along_axis(x, last_B[:, None, None], axis=1)
         x = self.norm(x)
         if check_impl(self.impl) == "reference":
             logits = jnp.einsum("btd,vd->btv", x, self.unembed_VD[...], preferred_element_type=f32)

@@ -102,6 +102,26 @@ def test_cached_decode_equals_recomputation(model):
     assert "ring" in repr(cache) and "16/16" in repr(cache)
 
 
+def test_last_only_of_a_padded_chunk_is_its_last_real_token(model):
+    """``last_only``: the logits of each row's last real column, also in a right-padded chunk (the prefill's
+    last piece), so the prefill never computes a whole chunk's logits; and the prefill's result is the
+    full forward pass's last logits."""
+    from oss_jax.generate import padded_chunks, prefill
+
+    rng = np.random.default_rng(4)
+    seq = rng.integers(0, R.TINY["vocab_size"], (2, 13)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(13, dtype=np.int32), (2, 13))
+    full = np.asarray(model(seq))
+    (piece, piece_pos, n), = padded_chunks(seq, pos, 16)  # 13 real columns, 3 of padding
+    assert n == 13 and piece.shape == (2, 16)
+    graphdef, state = nnx.split(model)
+    logits, _ = compiled_apply(graphdef, state, piece, piece_pos, None, last_only=True)
+    assert logits.shape == (2, 1, model.config.vocab_size)
+    assert R.rel_err(np.asarray(logits[:, 0]), full[:, 12]) < 1e-5
+    last, _ = prefill(graphdef, state, seq, pos, KVCache.create(model.config, 2, 16, dtype=np.float32), 5)
+    assert R.rel_err(np.asarray(last), full[:, 12]) < 1e-5  # chunks of 5, 5 and 3 (+2 padding)
+
+
 def test_forward_is_a_deprecated_alias_of_compiled_apply(model):
     """``model.forward`` (kept one release for notebooks and scripts) warns and is ``compiled_apply``;
     ``model()`` is the same program after its checks."""
