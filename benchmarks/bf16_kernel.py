@@ -13,31 +13,23 @@ from memory, not cache, as in a decode step. Random weights; about 2.5 GB of mem
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 
 import numpy as np
 from common import cpu_name, save
-from mxfp4_kernel import cell, timed
+from mxfp4_kernel import cell, kernel_args, timed
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=15, help="calls per measurement (median)")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16], help="rows R of x")
-    p.add_argument("--out", default="bf16_kernel.md")
-    args = p.parse_args()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    args = kernel_args(__doc__, [1, 4, 8, 16], "bf16_kernel.md")
     import jax
     import jax.numpy as jnp
 
     from oss_jax.config import PRESETS
-    from oss_jax.kernels import linear, logits, native
+    from oss_jax.kernels import linear, logits
 
-    if not native.available():
-        sys.exit(f"bf16_kernel.py: the native kernels are unavailable ({native.reason()})")
     load_before = os.getloadavg()
     cfg = PRESETS["gpt-oss-20b"]
     D, NH, KH, V = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \

@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from common import cpu_name, save
@@ -68,22 +69,30 @@ def time_layer(ex, calls, use: bool, reps: int) -> tuple[float, float]:
     return timed(lambda x, idx, gates: mix(state, x, idx, gates), calls, reps)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def kernel_args(doc: str, rows: list[int], out: str) -> argparse.Namespace:
+    """The kernel benchmarks' command line (``--reps``, ``--rows``, ``--out``), on the CPU; exits with one line
+    when the native kernels are unavailable."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--reps", type=int, default=15, help="calls per measurement (median)")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64], help="rows R of x")
-    p.add_argument("--out", default="mxfp4_kernel.md")
+    p.add_argument("--rows", type=int, nargs="+", default=rows, help="rows R of x")
+    p.add_argument("--out", default=out)
     args = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from oss_jax.kernels import native
+
+    if not native.available():
+        sys.exit(f"{Path(sys.argv[0]).name}: the native kernels are unavailable ({native.reason()})")
+    return args
+
+
+def main() -> None:
+    args = kernel_args(__doc__, [1, 8, 64], "mxfp4_kernel.md")
     import jax
     import jax.numpy as jnp
 
     from oss_jax.config import PRESETS
-    from oss_jax.kernels import native
     from oss_jax.moe import Experts
 
-    if not native.available():
-        sys.exit(f"mxfp4_kernel.py: the native kernel is unavailable ({native.reason()})")
     load_before = os.getloadavg()
     cfg = PRESETS["gpt-oss-20b"]
     E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
