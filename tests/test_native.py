@@ -75,13 +75,14 @@ def test_kernel_equals_the_reference(target, R):
     np.testing.assert_array_equal(f(x, jnp.int32(-1)), f(x, jnp.int32(0)))
 
 
+@pytest.mark.parametrize("R", [1, 2])  # one input row scales each block's sum, more scale the weights
 @pytest.mark.parametrize("target", TARGETS, ids=["lut", "portable"])
-def test_smallest_scale_flushes_like_xla(target):
+def test_smallest_scale_flushes_like_xla(target, R):
     """Scale byte 0 (2^-127) and 1: weights below 2^-126 are flushed to zero as XLA's decode does,
     the larger ones kept (inputs of 2^100 make the products normal floats)."""
     blocks, _ = weights(5)
     scales = np.random.default_rng(5).integers(0, 2, (E, O, I // 32), dtype=np.uint8)
-    x = (np.random.default_rng(6).normal(0, 1, (2, I)) * 2.0 ** 100).astype(np.float32)
+    x = (np.random.default_rng(6).normal(0, 1, (R, I)) * 2.0 ** 100).astype(np.float32)
     got = native.expert_matmul(x, blocks, scales, 1, target=target)
     check(got, x, blocks, scales, 1)
 

@@ -30,6 +30,10 @@
 //    decoded block serves kGroup input rows and each load of x serves kRows weight rows (without
 //    tiling, R = 8 rows of x streamed from the L2 cache for every output row cost as much as 8
 //    separate products). Output rows are independent: threads claim chunks of them in turn.
+// 7. With one input row (a decode step, where this kernel's speed is the token rate) the decoded block
+//    meets x only once, so rather than scaling the 32 weights, scale their sum: one multiply per block
+//    instead of two. The same sum up to float32 rounding; only scale bytes 0 and 1, whose weights can be
+//    too small for a normal float, keep the exact per-weight path.
 
 #include <algorithm>
 #include <cstdint>
@@ -141,7 +145,26 @@ void tile(const uint8_t* q, const uint8_t* s, int64_t nb, const float* xe, const
         } else {
           decode_arith(q + t * nb * kBytes + at, even[t], odd[t]);
         }
-        apply_scale(s[t * nb + b], even[t], odd[t]);
+        if constexpr (G > 1) apply_scale(s[t * nb + b], even[t], odd[t]);
+      }
+      if constexpr (G == 1) {  // one input row (a decode step): see 7.
+        const fvec x_even = load(xe + at), x_odd = load(xo + at);
+        for (int t = 0; t < T; ++t) {
+          const uint8_t sc = s[t * nb + b];
+          if (sc >= 2) {  // every weight of the block a normal float: scale the block's sum
+            const uint32_t bits = uint32_t(sc) << 23;
+            float scale;
+            std::memcpy(&scale, &bits, sizeof scale);
+            fvec sum = even[t] * x_even;
+            sum += odd[t] * x_odd;
+            acc[t][0] += sum * scale;
+          } else {  // 2^-127 or 2^-126: weights may be subnormal, flushed to zero as in XLA's decode
+            apply_scale(sc, even[t], odd[t]);
+            acc[t][0] += even[t] * x_even;
+            acc[t][0] += odd[t] * x_odd;
+          }
+        }
+        continue;
       }
       for (int g = 0; g < G; ++g) {  // the products with input row g, for each weight row
         const fvec x_even = load(xe + g * half + at), x_odd = load(xo + g * half + at);
