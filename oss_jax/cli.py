@@ -229,7 +229,8 @@ def _train(args: argparse.Namespace) -> None:
 def _finetune(args: argparse.Namespace) -> None:
     from oss_jax import finetune
 
-    given = {k: getattr(args, k) for k in ("steps", "batch", "rank", "alpha", "lr", "targets", "seed", "split_digits")}
+    given = {k: getattr(args, k) for k in ("steps", "batch", "rank", "alpha", "lr", "decay", "targets", "seed",
+                                           "split_digits")}
     fc = finetune.FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
     finetune.finetune(args.model, args.data, args.out, fc, dtype=args.dtype, progress=not args.no_progress)
     print(f"fine-tuned: adapters in {args.out}/adapters (load with oss_jax.lora.load_adapters)")
@@ -349,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--rank", type=COUNT, help="LoRA rank (default 8)")
     ft.add_argument("--alpha", type=_float_in(0.0, math.inf, lo_open=True), help="LoRA alpha (default 16)")
     ft.add_argument("--lr", type=_float_in(0.0, 1.0, lo_open=True), help="peak learning rate (default 1e-3)")
+    ft.add_argument("--decay", choices=["constant", "cosine"],
+                    help="the rate after the warmup: cosine down to 0 at the last step (default), or constant")
     ft.add_argument("--targets", help="comma-separated: attn (or q,k,v,o), experts, router (default attn)")
     ft.add_argument("--seed", type=ID, help="adapter initialisation and data order (default 0)")
     ft.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=None,

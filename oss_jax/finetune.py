@@ -24,7 +24,9 @@ own; True or False forces it (``--split-digits`` / ``--no-split-digits``). The p
 ``chat`` does not split it either.
 
 Training: LoRA adapters (``oss_jax.lora``) on the targets, AdamW (optax) with a linear warmup then a
-constant rate, global-norm clipping. Only the adapters are differentiated; the base weights are
+rate falling along a cosine to 0 at the last step (``decay="cosine"``, the default: with a constant rate,
+``decay="constant"``, the subtraction experiment of ``benchmarks/finetune_new_family.py`` stayed at 62.5%),
+global-norm clipping. Only the adapters are differentiated; the base weights are
 inputs of the compiled step, never outputs, so they cannot change.
 
 The run directory ``--out`` gets ``finetune_config.json`` (the configuration, the model and the
@@ -67,6 +69,7 @@ CONFIG_FILE = "finetune_config.json"
 # The keys a line may hold: the conversation, its effort, and what `oss-jax chat --json` prints besides.
 LINE_KEYS = {"messages", "effort", "analysis", "final", "tokens"}
 REPLY_CHANNELS = ("analysis", "final")
+DECAYS = ("constant", "cosine")  # FinetuneConfig.decay: the learning rate after the warmup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,7 @@ class FinetuneConfig:
     targets: tuple[str, ...] = lora.ATTENTION  # see lora.TARGETS; "attn,experts,router" also accepted
     lr: float = 1e-3
     warmup: int = 10  # steps of linear warmup from 0 (fewer when the run is shorter)
+    decay: str = "cosine"  # after the warmup: "cosine" (to 0 at step `steps`), or "constant"; see DECAYS
     weight_decay: float = 0.0
     clip: float = 1.0
     seed: int = 0  # adapters' initialisation and the order of the conversations
@@ -89,6 +93,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         """Refuse values that would train nothing or diverge at once; one line naming the field."""
+        if not isinstance(self.decay, str) or self.decay not in DECAYS:
+            raise ValueError(f"FinetuneConfig.decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if self.split_digits is not None and not isinstance(self.split_digits, bool):
             raise ValueError(f"FinetuneConfig.split_digits must be True, False or None, got {self.split_digits!r}")
         for name, least in (("steps", 1), ("batch", 1), ("rank", 1), ("warmup", 0), ("seed", 0),
@@ -251,12 +257,23 @@ def losses(graphdef: nnx.GraphDef, adapters: nnx.State, frozen: nnx.State,
     return ce, {"loss": ce, "accuracy": accuracy, "expert_load": load_LE, "load_spread": spread}
 
 
+def learning_rate(fc: FinetuneConfig) -> optax.ScalarOrSchedule:
+    """The rate of update ``i`` (counted from 0): linear from 0 to ``lr`` over ``warmup`` steps, then ``lr``
+    (``decay="constant"``) or ``lr * (1 + cos(pi * (i - warmup) / (steps - warmup))) / 2`` (``"cosine"``: 0 at
+    ``i = steps``, so the last update, ``steps - 1``, is the smallest; a run no longer than its warmup has no
+    decay). A rate that never changes is a plain number (as before the setting: the optimizer state of such a
+    run, and so its checkpoints, keep their shape)."""
+    warmup = min(fc.warmup, fc.steps)
+    if fc.decay == "cosine" and warmup < fc.steps:
+        return optax.warmup_cosine_decay_schedule(0.0, fc.lr, warmup, fc.steps, end_value=0.0)
+    return optax.linear_schedule(0.0, fc.lr, warmup) if warmup else fc.lr
+
+
 @functools.cache  # one object per configuration: the compiled train_step is keyed on it
 def optimizer(fc: FinetuneConfig) -> optax.GradientTransformation:
-    """AdamW after global-norm clipping; the rate rises linearly over ``warmup`` steps, then stays."""
-    warmup = min(fc.warmup, fc.steps)
-    rate = optax.linear_schedule(0.0, fc.lr, warmup) if warmup else fc.lr
-    return optax.chain(optax.clip_by_global_norm(fc.clip), optax.adamw(rate, weight_decay=fc.weight_decay))
+    """AdamW after global-norm clipping at the rate ``learning_rate(fc)``."""
+    return optax.chain(optax.clip_by_global_norm(fc.clip),
+                       optax.adamw(learning_rate(fc), weight_decay=fc.weight_decay))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 4))
@@ -410,6 +427,7 @@ def _same_setup(saved: Path, setup: dict) -> None:
         raise ValueError(f"{saved}: not valid JSON ({e})") from None
     if isinstance(before, dict) and isinstance(before.get("finetune"), dict):
         before["finetune"].setdefault("split_digits", False)  # a run from before the setting never split digits
+        before["finetune"].setdefault("decay", "constant")  # nor decayed its rate
     if before == setup:
         return
     for part in setup:

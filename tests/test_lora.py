@@ -382,16 +382,17 @@ def test_unknown_token_refused_with_its_line(tmp_path):
 def test_cli_finetune_end_to_end_and_malformed_line(tmp_path):
     jsonl = write_jsonl(tmp_path / "conv.jsonl")
     r = cli("finetune", "--model", "tiny", "--data", jsonl, "--out", tmp_path / "run", "--steps", "2", "--batch", "2",
-            "--rank", "4", "--targets", "attn,experts", "--no-progress")
+            "--rank", "4", "--targets", "attn,experts", "--decay", "cosine", "--no-progress")
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "adapters").iterdir()) == ["adapter_config.json", "adapters.safetensors"]
     assert json.loads((run / "adapters" / "adapter_config.json").read_text())["lora"]["rank"] == 4
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
-    assert json.loads((run / finetune.CONFIG_FILE).read_text())["finetune"]["split_digits"] is True  # automatic
+    saved = json.loads((run / finetune.CONFIG_FILE).read_text())["finetune"]
+    assert saved["split_digits"] is True and saved["decay"] == "cosine"  # split automatically; --decay kept
 
     r = cli("finetune", "--model", "tiny", "--data", jsonl, "--out", run, "--steps", "2", "--batch", "2",
-            "--rank", "4", "--targets", "attn,experts", "--no-split-digits", "--no-progress")
+            "--rank", "4", "--targets", "attn,experts", "--decay", "cosine", "--no-split-digits", "--no-progress")
     assert r.returncode == 1
     assert one_line(r.stderr) == (f"oss-jax finetune: error: {run} holds a fine-tuning run with a different "
                                   f"finetune.split_digits (True, now False); use a new --out")
@@ -452,6 +453,49 @@ def test_split_digits_is_part_of_the_run_setup(tmp_path):
     with pytest.raises(ValueError, match=r"different finetune.split_digits \(False, now True\)"):
         finetune.finetune("tiny", jsonl, tmp_path / "run", fc, progress=False)
     finetune.finetune("tiny", jsonl, tmp_path / "run", off, progress=False)
+
+
+# -- the learning rate ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("decay", finetune.DECAYS)
+def test_optimizer_steps_at_the_configured_rate_to_the_last_step(decay):
+    """Adam's step for a constant gradient is the rate: warmup, then constant or a cosine to 0 at step ``steps``."""
+    import math
+
+    import jax.numpy as jnp
+
+    fc = finetune.FinetuneConfig(steps=10, warmup=2, lr=1e-2, decay=decay)
+    opt, params = finetune.optimizer(fc), {"w": jnp.zeros(())}
+    state, moves = opt.init(params), []
+    for _ in range(fc.steps):
+        updates, state = opt.update({"w": jnp.full((), 0.5)}, state, params)
+        moves.append(-float(updates["w"]))
+    after = [1.0 if decay == "constant" else (1 + math.cos(math.pi * (i - 2) / 8)) / 2 for i in range(2, 10)]
+    np.testing.assert_allclose(moves, [0.0, 5e-3] + [1e-2 * r for r in after], rtol=1e-5, atol=1e-9)
+    last = 1e-2 if decay == "constant" else 1e-2 * (1 - math.cos(math.pi / 8)) / 2  # the last update's rate
+    assert moves[-1] == pytest.approx(last, rel=1e-5)
+    assert float(finetune.learning_rate(fc)(fc.steps)) == pytest.approx(1e-2 if decay == "constant" else 0.0)
+    with pytest.raises(ValueError, match=r"^FinetuneConfig.decay must be one of constant, cosine, got 'linear'$"):
+        finetune.FinetuneConfig(decay="linear")
+
+
+def test_decay_is_part_of_the_run_setup(tmp_path):
+    jsonl = write_jsonl(tmp_path / "conv.jsonl", indices=(1,))
+    assert finetune.FinetuneConfig().decay == "cosine"  # the default: the recipe that met issue 18's goals
+    fc = finetune.FinetuneConfig(steps=1, batch=1, rank=1, targets="q", decay="constant")
+    finetune.finetune("tiny", jsonl, tmp_path / "run", fc, progress=False)
+    config = tmp_path / "run" / finetune.CONFIG_FILE
+    assert json.loads(config.read_text())["finetune"]["decay"] == "constant"
+    cosine = finetune.FinetuneConfig(**{**fc.__dict__, "decay": "cosine"})
+    with pytest.raises(ValueError, match=r"different finetune.decay \('constant', now 'cosine'\); use a new --out"):
+        finetune.finetune("tiny", jsonl, tmp_path / "run", cosine, progress=False)
+    # A run written before the setting existed had a constant rate: it resumes as constant, and only so.
+    setup = json.loads(config.read_text())
+    del setup["finetune"]["decay"]
+    config.write_text(json.dumps(setup))
+    with pytest.raises(ValueError, match=r"different finetune.decay \('constant', now 'cosine'\)"):
+        finetune.finetune("tiny", jsonl, tmp_path / "run", cosine, progress=False)
+    finetune.finetune("tiny", jsonl, tmp_path / "run", fc, progress=False)
+    assert json.loads(config.read_text())["finetune"]["decay"] == "constant"
 
 
 # -- routing drift ------------------------------------------------------------------------------------
