@@ -519,7 +519,7 @@ def _trace_prompt(model, prompt: Prompt, index: int, chunk: int, run: _Run) -> N
     whole = [g for g in (("domain", prompt.domain), ("effort", prompt.effort)) if g[1] is not None]
     with warnings.catch_warnings():  # unknown tokens are counted above and reported once
         warnings.filterwarnings("ignore", message=r".*not in this model's vocabulary")
-        pieces = trace_chunks(model, padded, chunk=C, expert_outputs=True)
+        pieces = trace_chunks(model, padded, chunk=C, expert_outputs=True, next_token=False)
         for piece in itertools.islice(pieces, -(-n // C)):  # the chunks that hold real tokens
             real = (piece.positions >= 0) & (piece.positions < n)
             piece = dataclasses.replace(piece, positions=np.where(real, piece.positions, -1))

@@ -552,7 +552,7 @@ def routing_drift(before, after, sequences: Sequence[Sequence[int]], *, select: 
             keep[i, :len(s)] = True if select is None else np.asarray(select[start + i], bool)
         positions[len(group):, 0] = 0  # a padding row still needs one position (trace refuses an all -1 batch)
         for model, out in ((before, ids_a), (after, ids_b)):
-            t = trace(model, tokens, positions=positions, router=True, sinks=False, residual=False)
+            t = trace(model, tokens, positions=positions, router=True, sinks=False, residual=False, next_token=False)
             out.append(t.expert_ids)  # [L, B, T, k]
         valid.append(keep)
     return drift(np.concatenate(ids_a, 1), np.concatenate(ids_b, 1), before.config.num_experts,

@@ -190,5 +190,6 @@ def calibrate(model, sequences: Sequence[Sequence[int]], *, batch: int = 32, pad
         positions = np.full(tokens.shape, -1, np.int32)
         for row, s in enumerate(part):
             tokens[row, :len(s)], positions[row, :len(s)] = s, np.arange(len(s))
-        stats.update(trace(model, tokens, positions=positions, sinks=False, residual=False, expert_outputs=True))
+        stats.update(trace(model, tokens, positions=positions, sinks=False, residual=False, expert_outputs=True,
+                           next_token=False))
     return stats

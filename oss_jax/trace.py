@@ -59,8 +59,9 @@ class Trace:
       attention_keys: int ``[W]`` or None: the key positions of ``attention``'s last axis.
       residual: float32 ``[L + 1, T, D]``: the residual stream: the embeddings, then after each
         layer (``residual[L]`` is the final norm's input). For the logit lens.
-      next_token_entropy: float32 ``[T]``: entropy (nats) of the model's next-token distribution.
-      predicted: int32 ``[T]``: the model's most likely next token.
+      next_token_entropy: float32 ``[T]`` or None: entropy (nats) of the model's next-token distribution.
+      predicted: int32 ``[T]`` or None: the model's most likely next token. Both None with
+        ``next_token=False``: the output layer is then not computed at all.
       sliding: bool ``[L]``: which layers use the sliding window.
       num_experts: E.
       expert_norms: float32 ``[L, T, k]`` or None: ``||expert_e(x)||_2`` of each chosen expert's output
@@ -80,8 +81,8 @@ class Trace:
     attention: np.ndarray | None
     attention_keys: np.ndarray | None
     residual: np.ndarray | None
-    next_token_entropy: np.ndarray
-    predicted: np.ndarray
+    next_token_entropy: np.ndarray | None
+    predicted: np.ndarray | None
     sliding: np.ndarray
     num_experts: int
     expert_norms: np.ndarray | None = None
@@ -134,17 +135,20 @@ def _split_for_recording(model: GptOss, recording: Recording) -> tuple[nnx.Graph
     return nnx.split(copy)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 5))
 def _traced_apply(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, positions_BT: jax.Array,
-                  cache: KVCache | None):
-    """One recording forward pass: ``(records dict, next-token entropy [B, T], argmax [B, T], cache)``."""
+                  cache: KVCache | None, next_token: bool = True):
+    """One recording forward pass: ``(records dict, next-token entropy [B, T], argmax [B, T], cache)``;
+    without ``next_token`` the two are None, and the logits, unused, are never computed."""
     model = nnx.merge(graphdef, state)
     (logits, cache), inter = nnx.capture(GptOss.apply, nnx.Intermediate)(model, tokens_BT, positions_BT, cache)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     records = nnx.to_pure_dict(inter)
     if "residual" in records:  # tracing's contract is float32, whatever the activation dtype
         records["residual"] = [x.astype(jnp.float32) for x in records["residual"]]
+    if not next_token:
+        return records, None, None, cache
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return records, entropy, jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
 
@@ -172,7 +176,8 @@ def _build(model: GptOss, records: dict, entropy, predicted, tokens_BT, position
 
     residual = records.get("residual")
     window = recording.attention_window
-    tokens_BT, predicted = boundary.to_user(model, tokens_BT), boundary.to_user(model, predicted)  # user ids
+    tokens_BT = boundary.to_user(model, tokens_BT)  # user ids
+    predicted = None if predicted is None else boundary.to_user(model, predicted)
     return Trace(
         tokens=cut(tokens_BT, 1), positions=cut(positions_BT, 1),
         router_logits=cut(_per_layer(records, L, "mlp", "router_logits"), 2),
@@ -218,7 +223,7 @@ def _recording(router: bool, sinks: bool, residual: bool, attention_window, keys
 
 def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: bool = True,
           residual: bool = True, attention_window: tuple[int, int] | None = None,
-          expert_outputs: bool = False) -> Trace:
+          expert_outputs: bool = False, next_token: bool = True) -> Trace:
     """Run the model on ``tokens`` and record every layer (one pass, no KV cache).
 
     Args:
@@ -234,6 +239,9 @@ def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: 
         a window outside them, or still wider than ``T`` once clipped (gapped positions), is refused.
       expert_outputs: also record ``Trace.expert_norms`` and ``Trace.expert_max`` (each layer then
         runs its chosen experts once more, one choice at a time: about twice the experts' work).
+      next_token: record ``Trace.next_token_entropy`` and ``Trace.predicted``. Off, the output layer is
+        skipped: with o200k's 201,088 rows it is most of a small model's work (routing studies need only
+        the layers).
 
     Returns:
       A :class:`Trace` of numpy arrays.
@@ -258,13 +266,13 @@ def trace(model: GptOss, tokens, *, positions=None, router: bool = True, sinks: 
     recording = _recording(router, sinks, residual, attention_window, keys, tokens=pos.shape[1],
                            expert_outputs=expert_outputs)
     graphdef, state = _split_for_recording(model, recording)
-    records, entropy, predicted, _ = _traced_apply(graphdef, state, tokens_BT, positions_BT, None)
+    records, entropy, predicted, _ = _traced_apply(graphdef, state, tokens_BT, positions_BT, None, bool(next_token))
     return _build(model, records, entropy, predicted, tokens_BT, positions_BT, recording, squeeze)
 
 
 def trace_chunks(model: GptOss, tokens, *, chunk: int = 256, router: bool = True, sinks: bool = True,
                  residual: bool = False, attention_window: tuple[int, int] | None = None,
-                 cache_dtype=None, expert_outputs: bool = False) -> Iterator[Trace]:
+                 cache_dtype=None, expert_outputs: bool = False, next_token: bool = True) -> Iterator[Trace]:
     """Trace one long sequence ``[T]`` a chunk at a time through the KV cache; yields a Trace per chunk.
 
     Every chunk sees all earlier tokens (as generation's chunked prefill does), so the records
@@ -272,8 +280,8 @@ def trace_chunks(model: GptOss, tokens, *, chunk: int = 256, router: bool = True
     (the last one fewer) with absolute ``positions``. Memory: the KV cache of T tokens plus one
     chunk's records. ``residual`` is off by default (``(L + 1) x chunk x D`` floats per chunk).
     ``attention_window`` needs ``chunk * cache length <= NAIVE_MAX`` on full-attention layers; its
-    ``stop`` is clipped to ``T``. ``expert_outputs``: as in :func:`trace`. The arguments are checked when this
-    is called, not at the first chunk.
+    ``stop`` is clipped to ``T``. ``expert_outputs``, ``next_token``: as in :func:`trace`. The arguments are
+    checked when this is called, not at the first chunk.
     """
     given = int_array(tokens, "tokens")
     if given.ndim != 1:
@@ -283,10 +291,11 @@ def trace_chunks(model: GptOss, tokens, *, chunk: int = 256, router: bool = True
     T = tokens_BT.shape[1]
     recording = _recording(router, sinks, residual, attention_window, (0, T), tokens=T,
                            expert_outputs=expert_outputs)
-    return _chunks(model, tokens_BT, chunk, recording, cache_dtype)
+    return _chunks(model, tokens_BT, chunk, recording, cache_dtype, bool(next_token))
 
 
-def _chunks(model: GptOss, tokens_BT: jax.Array, chunk: int, recording: Recording, cache_dtype) -> Iterator[Trace]:
+def _chunks(model: GptOss, tokens_BT: jax.Array, chunk: int, recording: Recording, cache_dtype,
+            next_token: bool = True) -> Iterator[Trace]:
     """``trace_chunks``'s loop, on checked arguments."""
     T = tokens_BT.shape[1]
     graphdef, state = _split_for_recording(model, recording)
@@ -294,5 +303,5 @@ def _chunks(model: GptOss, tokens_BT: jax.Array, chunk: int, recording: Recordin
     cache = KVCache.create(model.config, 1, T, cache_dtype or model.embed_VD[...].dtype)
     positions_BT = jnp.arange(T, dtype=jnp.int32)[None]
     for piece, pos, n in padded_chunks(tokens_BT, positions_BT, C):  # as generate's prefill: one compiled shape
-        records, entropy, predicted, cache = _traced_apply(graphdef, state, piece, pos, cache)
+        records, entropy, predicted, cache = _traced_apply(graphdef, state, piece, pos, cache, next_token)
         yield _build(model, records, entropy, predicted, piece, pos, recording, squeeze=True, keep=slice(0, n))

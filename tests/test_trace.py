@@ -137,6 +137,25 @@ def test_chunked_trace_equals_one_pass(model, tokens, traced):
     np.testing.assert_allclose(sinks.by_head(), M.sink_mass_by_head(traced.sink_mass[:, 0]), atol=1e-6)
 
 
+def test_without_next_token_the_output_layer_is_not_computed(model, tokens, traced):
+    bare = trace(model, tokens, next_token=False)
+    assert bare.next_token_entropy is None and bare.predicted is None
+    np.testing.assert_array_equal(bare.expert_ids, traced.expert_ids)
+    np.testing.assert_allclose(bare.router_logits, traced.router_logits, atol=1e-6)
+    np.testing.assert_allclose(bare.residual, traced.residual, atol=1e-6)
+    pieces = list(trace_chunks(model, tokens[0], chunk=32, next_token=False))
+    assert all(p.predicted is None for p in pieces) and Trace.concatenate(pieces).next_token_entropy is None
+    # the compiled program holds no [B, T, V] logits (V = the vocabulary) with next_token=False, and does with it
+    from oss_jax.trace import _recording, _split_for_recording, _traced_apply
+
+    graphdef, state = _split_for_recording(model, _recording(True, True, True, None, (0, 70), 70))
+    B, T, V = *tokens.shape, model.config.vocab_size
+    logits = re.compile(rf"f32\[{B},{T},{V}\]")
+    args = (graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.broadcast_to(jnp.arange(T), (B, T)), None)
+    assert logits.search(_traced_apply.lower(*args, True).compile().as_text())
+    assert not logits.search(_traced_apply.lower(*args, False).compile().as_text())
+
+
 def test_blockwise_path_sink_mass(model, tokens, traced, monkeypatch):
     """Inputs past NAIVE_MAX take the blockwise path: sink mass from ``1 - mass on the keys``."""
     monkeypatch.setattr(oss_jax.kernels.attention, "NAIVE_MAX", 64)  # 70 x 70 > 64: blockwise from here on
