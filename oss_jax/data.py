@@ -88,6 +88,7 @@ class Example:
     question: str
     analysis: str  # empty: no analysis message
     final: str
+    style: str = "v1"  # how the analysis is written and the reply tokenized (STYLES)
 
     @property
     def messages(self) -> list[dict]:
@@ -102,8 +103,15 @@ def is_heldout(family: str, key: tuple) -> bool:
     return zlib.crc32(repr((family, key)).encode()) % 100 < HELDOUT_PERCENT
 
 
+# Trace styles. "v1": the bundled model's. "echo": each high-effort analysis opens by repeating the words of the
+# question that precede what it must copy ("The letters: f r o g", "appear in: dog no, ..."), so the first
+# copy is a match-and-copy of the question's own tokens (an induction head), and ``sort`` writes o200k's
+# number tokens (copying "42" is copying one token) instead of one token per digit.
+STYLES = ("v1", "echo")
+
+
 # -- the five families: rng -> (key, question, {effort: analysis}, final) -----------------------------
-def _add(rng: np.random.Generator):
+def _add(rng: np.random.Generator, style: str = "v1"):
     a, b = (int(x) for x in rng.integers(0, 1000, 2))
     pa, pb = f"{a:03d}", f"{b:03d}"
     steps, carry = [], 0
@@ -118,26 +126,37 @@ def _add(rng: np.random.Generator):
     return (a, b), f"What is {a} + {b}?", {"low": "", "medium": medium, "high": high}, str(total)
 
 
-def _sort(rng: np.random.Generator):
+def _sort(rng: np.random.Generator, style: str = "v1"):
     n = int(rng.integers(3, 6))
     nums = [int(x) for x in rng.choice(100, n, replace=False)]
     order = sorted(nums)
     high = f"There are {n} numbers. The smallest is {order[0]}. " + " ".join(f"Then {x}." for x in order[1:])
+    if style == "echo":  # echo the list, then remove the smallest until none is left
+        left, steps = list(nums), []
+        while left:
+            x = min(left)
+            left.remove(x)
+            steps.append(f"smallest {x}, left: " + (", ".join(map(str, left)) or "none") + ".")
+        high = "from smallest to largest: " + ", ".join(map(str, nums)) + ". " + " ".join(steps)
     medium = f"The smallest is {order[0]} and the largest is {order[-1]}."
     q = "Sort these numbers from smallest to largest: " + ", ".join(map(str, nums)) + "."
     return tuple(nums), q, {"low": "", "medium": medium, "high": high}, ", ".join(map(str, order))
 
 
-def _reverse(rng: np.random.Generator):
+def _reverse(rng: np.random.Generator, style: str = "v1"):
     word = WORDS[int(rng.integers(len(WORDS)))]
     letters = " ".join(word)
     back = " ".join(reversed(word))
     high = f"The letters are {letters}, {len(word)} of them. From the end: " + ", ".join(reversed(word)) + "."
+    if style == "echo":  # number the letters, then read them back by number (each number occurs once)
+        high = f"the letters: {letters}. Numbered: " + " ".join(f"{i} {c}" for i, c in enumerate(word, 1)) + \
+               ". From the end: " + \
+               " ".join(f"{i} {c}" for i, c in reversed(list(enumerate(word, 1)))) + "."
     medium = f"{len(word)} letters, read from the end."
     return (word,), f"Reverse the letters: {letters}", {"low": "", "medium": medium, "high": high}, back
 
 
-def _count(rng: np.random.Generator):
+def _count(rng: np.random.Generator, style: str = "v1"):
     target = ANIMALS[int(rng.integers(len(ANIMALS)))]
     n = int(rng.integers(4, 10))
     items = [ANIMALS[int(i)] for i in rng.integers(len(ANIMALS), size=n)]
@@ -151,12 +170,14 @@ def _count(rng: np.random.Generator):
         else:
             steps.append(f"{it} no")
     high = "Go through the list: " + ", ".join(steps) + f". Total {seen}."
+    if style == "echo":
+        high = f"does {target} appear in: " + ", ".join(steps) + f". Total {seen}."
     medium = f"{target} appears {seen} times."
     q = f"How many times does {target} appear in: {' '.join(items)}?"
     return (target, *items), q, {"low": "", "medium": medium, "high": high}, str(seen)
 
 
-def _lookup(rng: np.random.Generator):
+def _lookup(rng: np.random.Generator, style: str = "v1"):
     n = int(rng.integers(2, 5))
     names = [NAMES[int(i)] for i in rng.choice(len(NAMES), n, replace=False)]
     items = [ITEMS[int(i)] for i in rng.choice(len(ITEMS), n, replace=False)]
@@ -167,10 +188,13 @@ def _lookup(rng: np.random.Generator):
     high = f"The question asks about {names[j]} and {items[j]}. {names[j]} has {counts[j]} {items[j]}. " \
            f"So the answer is {counts[j]}."
     medium = f"{names[j]} has {counts[j]}."
+    if style == "echo":
+        high = f"How many {items[j]} does {names[j]} have? {names[j]} has {counts[j]} {items[j]}. " \
+               f"So the answer is {counts[j]}."
     return (*names, *items, *counts, j), q, {"low": "", "medium": medium, "high": high}, str(counts[j])
 
 
-def _sub(rng: np.random.Generator):
+def _sub(rng: np.random.Generator, style: str = "v1"):
     b, a = sorted(int(x) for x in rng.integers(0, 1000, 2))  # a >= b: the difference is never negative
     pa, pb = f"{a:03d}", f"{b:03d}"
     steps, borrow = [], 0
@@ -190,19 +214,21 @@ _MAKERS: dict[str, Callable] = {"add": _add, "sort": _sort, "reverse": _reverse,
                                 "sub": _sub}
 
 
-def make(family: str, effort: str, rng: np.random.Generator, heldout: bool = False) -> Example:
+def make(family: str, effort: str, rng: np.random.Generator, heldout: bool = False, style: str = "v1") -> Example:
     """One example of ``family`` (any of ``ALL_FAMILIES``) at ``effort`` from the requested split (rejection
-    sampling)."""
+    sampling), its analysis in trace ``style`` (``STYLES``)."""
     if family not in _MAKERS or effort not in EFFORTS:
         raise ValueError(f"unknown family {family!r} or effort {effort!r}")
+    if style not in STYLES:
+        raise ValueError(f"unknown trace style {style!r}: use {', '.join(STYLES)}")
     while True:
-        key, question, analyses, final = _MAKERS[family](rng)
+        key, question, analyses, final = _MAKERS[family](rng, style)
         if is_heldout(family, key) == heldout:
-            return Example(family, effort, key, question, analyses[effort], final)
+            return Example(family, effort, key, question, analyses[effort], final, style)
 
 
 def example(seed: int, index: int, heldout: bool = False, effort: str | None = None,
-            mix: dict[str, float] | None = None) -> Example:
+            mix: dict[str, float] | None = None, style: str = "v1") -> Example:
     """Example number ``index`` of the stream ``seed``: family by ``mix`` (default ``MIX``; a mix may name
     ``NEW_FAMILIES`` too, e.g. ``{"sub": 1.0}``), effort uniform unless given."""
     rng = np.random.default_rng([seed, index, int(heldout)])
@@ -213,7 +239,7 @@ def example(seed: int, index: int, heldout: bool = False, effort: str | None = N
     names = ALL_FAMILIES if any(mix.get(f, 0) for f in NEW_FAMILIES) else FAMILIES
     family = names[int(rng.choice(len(names), p=[mix.get(f, 0.0) for f in names]))]
     drawn = EFFORTS[int(rng.integers(len(EFFORTS)))]
-    return make(family, effort or drawn, rng, heldout)
+    return make(family, effort or drawn, rng, heldout, style)
 
 
 # -- tokens --------------------------------------------------------------------------------------
@@ -234,13 +260,14 @@ def split_digits(ids: list[int]) -> list[int]:
 # The families in which the assistant writes one token per digit; elsewhere it writes o200k's own
 # tokens (copying "42" from the question is then copying one token). The bundled model: all (and the new ones).
 SPLIT_FAMILIES = ALL_FAMILIES
+SPLIT_BY_STYLE = {"v1": SPLIT_FAMILIES, "echo": tuple(f for f in ALL_FAMILIES if f != "sort")}
 
 
-def assistant_tokens(text: str, family: str | None = None) -> list[int]:
+def assistant_tokens(text: str, family: str | None = None, style: str = "v1") -> list[int]:
     """How the assistant writes ``text`` in ``family``: o200k tokens, digits one per token in
-    ``SPLIT_FAMILIES`` (and when ``family`` is None)."""
+    ``SPLIT_BY_STYLE[style]`` (and when ``family`` is None)."""
     ids = harmony.encode(text)
-    return split_digits(ids) if family is None or family in SPLIT_FAMILIES else ids
+    return split_digits(ids) if family is None or family in SPLIT_BY_STYLE[style] else ids
 
 
 @functools.cache
@@ -252,9 +279,9 @@ def completion(ex: Example) -> list[int]:
     """What the model writes after ``<|start|>assistant``: [analysis message], final message."""
     out: list[int] = []
     if ex.analysis:
-        out += _header("analysis") + assistant_tokens(ex.analysis, ex.family) + [harmony.END, harmony.START]
+        out += _header("analysis") + assistant_tokens(ex.analysis, ex.family, ex.style) + [harmony.END, harmony.START]
         out += harmony.encode("assistant")
-    return out + _header("final") + assistant_tokens(ex.final, ex.family) + [harmony.RETURN]
+    return out + _header("final") + assistant_tokens(ex.final, ex.family, ex.style) + [harmony.RETURN]
 
 
 def tokens(ex: Example) -> tuple[list[int], list[int]]:
@@ -262,7 +289,7 @@ def tokens(ex: Example) -> tuple[list[int], list[int]]:
     return harmony.render(ex.question, ex.effort), completion(ex)
 
 
-def vocabulary() -> list[int]:
+def vocabulary(style: str = "v1") -> list[int]:
     """Every o200k id the corpus can use, sorted: the tiny model's vocabulary.
 
     Built from the templates by enumeration (every number 0..999 in both operand places, every
@@ -270,7 +297,8 @@ def vocabulary() -> list[int]:
     question the generator can produce has a token outside it.
     """
     ids: set[int] = set()
-    for ex in (example(0, i, heldout=h) for i in range(4000) for h in (False, True)):
+    for ex in (example(0, i, heldout=h, style=s) for i in range(4000) for h in (False, True)
+               for s in dict.fromkeys(("v1", style))):
         prompt, comp = tokens(ex)
         ids.update(prompt)
         ids.update(comp)

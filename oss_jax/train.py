@@ -99,6 +99,7 @@ class TrainConfig:
     digit_init: bool = True  # number tokens' embeddings start digit-structured (see init_model)
     dense: bool = False  # the dense twin: one FFN of width k * F instead of E experts (tiny_config)
     sinks: bool = True  # False: the no-sink twin, sink logits fixed at NO_SINK (no learned sinks)
+    style: str = "v1"  # how the analyses are written (data.STYLES)
     checkpoint_every: int = 200
     snapshot_steps: tuple[int, ...] = (100, 500, 1500)  # whole small checkpoints kept for the notebooks
     log_every: int = 10
@@ -109,6 +110,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {least}, got {value!r}")
+        if self.style not in data.STYLES:
+            raise ValueError(f"TrainConfig.style must be one of {', '.join(data.STYLES)}, got {self.style!r}")
         for name, n in (("family_mix", len(data.FAMILIES)), ("effort_mix", len(data.EFFORTS))):
             mix = getattr(self, name)
             if len(mix) != n or any(not 0 <= w <= 1 for w in mix) or abs(sum(mix) - 1) > 1e-6:
@@ -136,7 +139,7 @@ def make_batch(tmap: TokenMap, tc: TrainConfig, step: int) -> dict[str, np.ndarr
     mask = np.zeros((batch, seq_len), np.float32)
     positions = np.full((batch, seq_len), -1, np.int32)
     for b in range(batch):
-        prompt, comp = data.tokens(data.example(tc.seed, step * batch + b, effort=effort, mix=tc.mix))
+        prompt, comp = data.tokens(data.example(tc.seed, step * batch + b, effort=effort, mix=tc.mix, style=tc.style))
         ids = tmap.to_model(prompt + comp, strict=True)
         n = len(ids)
         if n > seq_len + 1:
@@ -281,7 +284,7 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
     metrics_path = out / "metrics.jsonl"
     logged = read_metrics(metrics_path)  # a corrupt log is refused before any work
     saved.write_text(json.dumps(_jsonable(tc), indent=1))
-    tmap = TokenMap(data.vocabulary())
+    tmap = TokenMap(data.vocabulary(tc.style))
     cfg = tiny_config(len(tmap), dense=tc.dense)
     model = init_model(cfg, tc.seed, tmap if tc.digit_init else None, sinks=tc.sinks)
     graphdef, params = _for_training(model)

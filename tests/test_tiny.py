@@ -168,6 +168,37 @@ def test_token_map_round_trips_every_family(tmap):
                 assert ex.question in text and ex.final in text and ex.analysis in text
 
 
+def test_echo_style_opens_with_the_question_and_round_trips():
+    """The "echo" traces (data.STYLES): each high-effort analysis but the addition's opens with words of the
+    question, the rest of the conversation is unchanged, and its vocabulary covers it (o200k text that
+    round-trips); sort then writes o200k's number tokens."""
+    echo_map = TokenMap(data.vocabulary("echo"))
+    assert set(data.vocabulary()) <= set(echo_map.o200k.tolist())
+    opening = {"sort": "from smallest to largest: ", "reverse": "the letters: ", "count": "appear in: ",
+               "lookup": "does "}
+    for i, family in enumerate(data.FAMILIES):
+        for effort in data.EFFORTS:
+            v1, echo = (data.make(family, effort, np.random.default_rng([i, 7]), heldout=True, style=s)
+                        for s in data.STYLES)
+            assert (v1.key, v1.question, v1.final) == (echo.key, echo.question, echo.final)
+            if effort != "high" or family == "add":
+                assert echo.analysis == v1.analysis
+            else:
+                words = echo.analysis.split(". ")[0]
+                assert opening[family] in echo.analysis and words.split(":")[0].split()[-1] in echo.question
+            prompt, completion = data.tokens(echo)
+            ids = prompt + completion
+            np.testing.assert_array_equal(echo_map.to_o200k(echo_map.to_model(ids, strict=True)), ids)
+            reply = harmony.Reply.from_tokens(completion, strict=True)
+            assert (reply.analysis, reply.final) == (echo.analysis, echo.final)
+    sort = data.make("sort", "high", np.random.default_rng(1), style="echo")
+    assert data.tokens(sort)[1][-1 - len(harmony.encode(sort.final)):-1] == harmony.encode(sort.final)
+    with pytest.raises(ValueError, match="unknown trace style"):
+        data.make("add", "high", np.random.default_rng(0), style="v3")
+    with pytest.raises(ValueError, match=r"TrainConfig\.style"):
+        train.TrainConfig(style="v3")
+
+
 def test_token_map_round_trip(tmp_path, tmap):
     ids = harmony.render("What is 12 + 34?", "high")
     model_ids = tmap.to_model(ids, strict=True)
