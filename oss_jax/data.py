@@ -294,8 +294,14 @@ def vocabulary(style: str = "v1") -> list[int]:
 
     Built from the templates by enumeration (every number 0..999 in both operand places, every
     word, name, item and animal, every effort) plus a large sample of whole conversations, so no
-    question the generator can produce has a token outside it.
+    question the generator can produce has a token outside it. ``style``: with the conversations of that
+    trace style (``STYLES``) too.
     """
+    return list(_vocabulary(style))  # a copy: the cached tuple stays as built
+
+
+@functools.cache  # a pure function of this module's constants; building it reads ~16,000 conversations
+def _vocabulary(style: str) -> tuple[int, ...]:
     ids: set[int] = set()
     for ex in (example(0, i, heldout=h, style=s) for i in range(4000) for h in (False, True)
                for s in dict.fromkeys(("v1", style))):
@@ -312,4 +318,4 @@ def vocabulary(style: str = "v1") -> list[int]:
         ids.update(harmony.render("x", effort))
     ids.update(harmony.encode(str(d))[0] for d in range(10))
     ids.update((harmony.RETURN, harmony.CALL, harmony.END, harmony.START, harmony.MESSAGE, harmony.CHANNEL))
-    return sorted(ids)
+    return tuple(sorted(ids))
