@@ -88,8 +88,9 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     import oss_jax
+    from oss_jax.load import BUNDLED
 
-    return oss_jax.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty() and args.model != "tiny")
+    return oss_jax.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty() and args.model not in BUNDLED)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -209,21 +210,17 @@ def _mesh(text: str) -> tuple[int, int, int]:
 
 
 def _train(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from oss_jax import train
 
-    tc = train.TrainConfig()
-    if args.steps is not None:
-        tc = dataclasses.replace(tc, steps=args.steps)
-    if args.seed is not None:
-        tc = dataclasses.replace(tc, seed=args.seed)
-    model = train.train(args.out, tc, progress=not args.no_progress)
-    print(f"trained: {args.out}/model")
+    given = {k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None}
+    tc = train.twin_config(args.twin, **given)
+    out = args.out or ("runs/tiny" if args.twin is None else f"runs/tiny-{args.twin}")
+    model = train.train(out, tc, progress=not args.no_progress)
+    print(f"trained: {out}/model")
     if args.eval:
-        _write_eval(train.evaluate_run(model, args.out, per_cell=args.per_cell), args.out)
+        _write_eval(train.evaluate_run(model, out, per_cell=args.per_cell), out)
     if args.ship:
-        print(f"installed as oss_jax.load('tiny'): {train.ship(args.out)}")
+        print(f"installed as oss_jax.load({train.twin_name(tc)!r}): {train.ship(out)}")
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -328,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.set_defaults(func=_eval)
 
     tr = sub.add_parser("train", help="train the tiny model from scratch (resumes an interrupted run)")
-    tr.add_argument("--out", default="runs/tiny", help="run directory (checkpoints, metrics, exports)")
+    tr.add_argument("--out", help="run directory (checkpoints, metrics, exports; default runs/tiny, or "
+                                  "runs/tiny-TWIN)")
+    tr.add_argument("--twin", choices=["dense", "nosink"],
+                    help="train a twin of the tiny model for the course, same recipe and data: dense (one FFN, the "
+                         "same active parameters) or nosink (no attention sinks); --ship installs it as "
+                         "oss_jax.load('tiny-TWIN')")
     tr.add_argument("--steps", type=COUNT, help="optimizer steps (default: the recipe's)")
     tr.add_argument("--seed", type=ID, help="data and initialisation seed (default 0)")
     tr.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,

@@ -31,6 +31,12 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 TINY_DIR = Path(__file__).parent / "tiny"  # the bundled model (oss_jax.train --ship installs it)
+# The bundled models by name: the tiny model and its two twins for the course, trained on the same recipe
+# and data (``oss-jax train --twin dense|nosink --ship``): the dense twin (one FFN with the tiny model's
+# active parameters per token) and the no-sink twin (no learned attention sinks). Each folder holds model/,
+# the training log and the evaluation; the twins have no snapshots (the three share 20 MiB).
+BUNDLED = {"tiny": TINY_DIR, "tiny-dense": Path(__file__).parent / "tiny_dense",
+           "tiny-nosink": Path(__file__).parent / "tiny_nosink"}
 
 
 def tiny_snapshots() -> dict[int, Path]:
@@ -44,15 +50,17 @@ def load(source: str | os.PathLike, dtype: str | jnp.dtype | None = None, expert
     """Load a gpt-oss model.
 
     Args:
-      source: ``"tiny"`` (the bundled model, offline), a Hugging Face checkpoint directory (one
+      source: ``"tiny"`` (the bundled model, offline; ``"tiny-dense"`` and ``"tiny-nosink"`` its twins,
+        ``BUNDLED``), a Hugging Face checkpoint directory (one
         or sharded safetensors, MXFP4 or dense experts), OpenAI's ``original/`` directory, a
         directory written by ``oss-jax convert``,
         or a hub repo id such as ``"openai/gpt-oss-20b"`` (downloaded with ``huggingface_hub``;
         ``HF_HUB_OFFLINE=1`` restricts it to the local cache). Paths may be relative to the
         current directory. The string ``"tiny"`` always means the bundled model, even where a
-        file or folder ``tiny`` exists: write ``"./tiny"`` (or pass a ``Path``) for that one.
+        file or folder ``tiny`` exists: write ``"./tiny"`` (or pass a ``Path``) for that one (the
+        same for the twins' names).
       dtype: parameter dtype, ``"bfloat16"`` or ``"float32"``; default bfloat16, except float32
-        for ``"tiny"`` (4M parameters: precision costs nothing there).
+        for the bundled models (4M parameters: precision costs nothing there).
       experts: ``"auto"`` keeps MXFP4 experts packed (decoded on the fly) and dense ones dense;
         ``"dense"`` dequantizes packed experts to ``dtype`` at load; ``"packed"`` insists on MXFP4.
       revision: hub revision, for repo ids.
@@ -65,10 +73,11 @@ def load(source: str | os.PathLike, dtype: str | jnp.dtype | None = None, expert
     Returns:
       A ``GptOss`` module: ``model(tokens [B, T] int32) -> logits [B, T, V] float32``.
     """
-    if isinstance(source, str) and source == "tiny":  # the bundled model; ./tiny is a local directory
-        source = TINY_DIR / "model"
+    if isinstance(source, str) and source in BUNDLED:  # a bundled model; ./tiny is a local directory
+        name, source = source, BUNDLED[source] / "model"
         if not (source / "config.json").exists():
-            raise CheckpointError(f"the bundled tiny model is missing from {TINY_DIR} (train it: oss-jax train --ship)")
+            how = "oss-jax train --ship" if name == "tiny" else f"oss-jax train --twin {name[5:]} --ship"
+            raise CheckpointError(f"the bundled model {name!r} is missing from {BUNDLED[name]} (train it: {how})")
         dtype = dtype or "float32"
     dtype = _float_dtype(dtype or "bfloat16")
     if experts not in ("auto", "packed", "dense"):

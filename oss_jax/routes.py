@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from oss_jax import checkpoint, harmony
 from oss_jax import metrics as M
 from oss_jax.checks import int_arg
+from oss_jax.load import BUNDLED
 from oss_jax.routing import RoutingStats, SinkStats
 from oss_jax.saliency import SaliencyStats
 
@@ -434,7 +435,7 @@ def routes(model, prompts: str | os.PathLike | None = None, out: str | os.PathLi
     if not loaded:
         import oss_jax
 
-        model = oss_jax.load(model, dtype=dtype, progress=progress and model != "tiny")
+        model = oss_jax.load(model, dtype=dtype, progress=progress and model not in BUNDLED)
     from oss_jax import boundary
 
     if boundary.vocab_size(model) < harmony.VOCAB_SIZE:

@@ -2,6 +2,8 @@
 
     oss-jax train --out runs/tiny             # from scratch (or resumes runs/tiny), then exports
     oss-jax train --out runs/tiny --ship      # ... and installs the result as oss_jax.load("tiny")
+    oss-jax train --twin dense --ship         # the course's twins, same recipe and data: oss_jax.load("tiny-dense")
+    oss-jax train --twin nosink --ship        # ... and oss_jax.load("tiny-nosink")
 
 The loss is next-token cross-entropy on the assistant's tokens only (the prompt is context), plus
 two router losses, each switchable (``lb_coef = 0`` or ``z_coef = 0`` turns it off) and logged:
@@ -44,7 +46,7 @@ from flax import nnx
 from oss_jax import data, harmony
 from oss_jax.config import Config
 from oss_jax.kernels import experts as expert_kernels
-from oss_jax.load import TINY_DIR, save
+from oss_jax.load import BUNDLED, save
 from oss_jax.model import GptOss, Recording
 from oss_jax.vocab import TokenMap
 
@@ -331,8 +333,15 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
     trained = _inference_model(graphdef, params)
     trained.token_map = tmap
     if end == tc.steps:
-        export(trained, out / "model", tmap, note={"step": tc.steps})
+        export(trained, out / "model", tmap, float_dtype=export_dtype(tc), note={"step": tc.steps})
     return trained
+
+
+def export_dtype(tc: TrainConfig) -> str:
+    """The dtype of the exported model's non-expert weights (its experts are MXFP4): float32 for the tiny
+    model, bfloat16 for a twin (dense or no-sink), as in gpt-oss's own checkpoints, so that the three
+    bundled models fit in 20 MB together. Their evaluation (``evaluate_run``) reads the export as shipped."""
+    return "bfloat16" if tc.dense or not tc.sinks else "float32"
 
 
 def evaluate_run(trained: GptOss, run_dir: str | Path, per_cell: int = 50) -> dict:
@@ -363,15 +372,36 @@ def export(model: GptOss, dst: str | Path, tmap: TokenMap, *, float_dtype: str =
     return save(model, dst, mxfp4=True, float_dtype=float_dtype, token_map=tmap, extra=note)
 
 
-def ship(run_dir: str | Path, dst: str | Path = TINY_DIR) -> Path:
-    """Install a finished run as the bundled model: its ``model/``, ``snapshots/`` and metrics."""
-    run_dir, dst = Path(run_dir), Path(dst)
+def twin_name(tc: TrainConfig) -> str:
+    """The bundled name a run of ``tc`` installs as: ``"tiny"``, or a twin's (``load.BUNDLED``)."""
+    if tc.dense and not tc.sinks:
+        raise ValueError("a run is the dense twin or the no-sink twin, not both: it has no bundled name")
+    return "tiny-dense" if tc.dense else "tiny" if tc.sinks else "tiny-nosink"
+
+
+def twin_config(twin: str | None = None, **changes) -> TrainConfig:
+    """The recipe of the tiny model (``twin=None``) or of its twin ``"dense"`` or ``"nosink"``: the same
+    recipe and data, one architectural change. ``changes``: other fields to replace."""
+    twins = {None: {}, "dense": {"dense": True}, "nosink": {"sinks": False}}
+    if twin not in twins:
+        raise ValueError(f"unknown twin {twin!r}: use dense or nosink")
+    return TrainConfig(**twins[twin], **changes)
+
+
+def ship(run_dir: str | Path, dst: str | Path | None = None) -> Path:
+    """Install a finished run as a bundled model: its ``model/``, metrics and evaluation, and (the tiny model
+    only: the three share 20 MiB) its ``snapshots/``. ``dst``: default the folder of the run's bundled name
+    (``twin_name``)."""
+    run_dir = Path(run_dir)
     if not (run_dir / "model" / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} has no finished model/ to ship")
+    saved = _read_json(run_dir / "train_config.json")
+    name = twin_name(TrainConfig(dense=saved.get("dense", False), sinks=saved.get("sinks", True)))
+    dst = BUNDLED[name] if dst is None else Path(dst)
     from oss_jax.checkpoint import atomic_directory
 
     with atomic_directory(dst) as tmp:
-        for item in ("model", "snapshots"):
+        for item in ("model", "snapshots") if name == "tiny" else ("model",):
             if (run_dir / item).exists():
                 shutil.copytree(run_dir / item, tmp / item)
         for item in ("metrics.jsonl", "train_config.json", "eval.json"):

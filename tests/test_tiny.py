@@ -16,7 +16,7 @@ from transformers import GptOssForCausalLM
 
 import oss_jax
 from oss_jax import data, harmony, train
-from oss_jax.load import TINY_DIR, save, tiny_snapshots
+from oss_jax.load import BUNDLED, TINY_DIR, save, tiny_snapshots
 from oss_jax.trace import trace
 from oss_jax.vocab import UNKNOWN, TokenMap
 from tests.reference import hf_logits, load_hf_mxfp4, rel_err
@@ -281,12 +281,51 @@ shipped = pytest.mark.skipif(not (TINY_DIR / "model" / "config.json").exists(),
 
 @shipped
 def test_bundled_model_is_small_and_complete():
-    size = sum(p.stat().st_size for p in TINY_DIR.rglob("*") if p.is_file())
-    assert size <= 20 * 2**20, f"oss_jax/tiny is {size / 2**20:.1f} MiB"
+    size = sum(p.stat().st_size for d in BUNDLED.values() for p in d.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20, f"the bundled models take {size / 2**20:.1f} MiB together"
     assert len(tiny_snapshots()) >= 3
     cfg = json.loads((TINY_DIR / "model" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "mxfp4"
     assert cfg["num_local_experts"] >= 16 and cfg["num_experts_per_tok"] == 4
+
+
+def test_bundled_twins_share_the_recipe_and_differ_in_one_thing():
+    """Each twin's saved recipe is the tiny model's with one field changed, and its checkpoint shows it."""
+    recipe = json.loads((TINY_DIR / "train_config.json").read_text())
+    tiny = dataclasses.asdict(train.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                   for k, v in recipe.items()}))
+    for name, field, value in (("tiny-dense", "dense", True), ("tiny-nosink", "sinks", False)):
+        saved = json.loads((BUNDLED[name] / "train_config.json").read_text())
+        assert saved == json.loads(json.dumps({**tiny, field: value})), name
+        assert not (BUNDLED[name] / "snapshots").exists()
+    dense = json.loads((BUNDLED["tiny-dense"] / "model" / "config.json").read_text())
+    assert (dense["num_local_experts"], dense["num_experts_per_tok"], dense["intermediate_size"]) == (1, 1, 4 * 128)
+    nosink = oss_jax.load("tiny-nosink")
+    stored = np.float32(jax.numpy.bfloat16(train.NO_SINK))  # a twin's non-expert weights ship in bfloat16
+    for layer in nosink.layers:
+        np.testing.assert_array_equal(np.asarray(layer.attn.sinks_N[...]), stored)
+    t = trace(nosink, np.array([harmony.render("What is 1 + 2?", "high")]), router=False)
+    assert float(np.max(t.sink_mass)) == 0.0
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-nosink"])
+def test_bundled_twins_load_offline_and_answer(name, monkeypatch):
+    """Each twin loads by name with the network cut and reproduces its recorded evaluation: the same final
+    answers for a transcript of every high-effort cell in its eval.json."""
+    import socket
+
+    def no_network(*a, **k):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    model = oss_jax.load(name)
+    assert model.layers[0].mlp.experts.packed
+    cells = json.loads((BUNDLED[name] / "eval.json").read_text())["MXFP4 experts (shipped)"]
+    for cell in (c for c in cells if c["effort"] == "high"):
+        ex = cell["examples"][0]
+        reply = oss_jax.chat(model, ex["question"], effort="high", max_new_tokens=160)
+        assert reply.final == ex["final"], (name, ex["question"], reply.final, ex["final"])
+    assert sum(c["correct"] for c in cells) > 0  # it answers some questions right
 
 
 @shipped
@@ -325,7 +364,7 @@ def test_bundled_model_loads_offline_and_answers(monkeypatch):
         oss_jax.chat(model, "What is 5 + 7?", effort="low", max_new_tokens=8)
 
 
-def test_twins_train_on_the_same_recipe(tmp_path):
+def test_twins_train_on_the_same_recipe(tmp_path, monkeypatch):
     """The no-sink twin's sinks never move from NO_SINK (no attention mass on them); the dense twin
     is a gpt-oss config with one expert of width k * F: the same active parameters per token."""
     nosink = train.train(tmp_path / "n", dataclasses.replace(SHORT, sinks=False, snapshot_steps=()), progress=False)
@@ -341,5 +380,14 @@ def test_twins_train_on_the_same_recipe(tmp_path):
     assert active(dense_cfg) == active(moe_cfg)
     again = oss_jax.load(tmp_path / "d" / "model", dtype="float32")
     np.testing.assert_allclose(np.asarray(again(np.array([prompt]))), np.asarray(dense(np.array([prompt]))), atol=0.25)
+    # --ship installs each run under its bundled name; only the tiny model keeps its snapshots
+    monkeypatch.setattr(train, "BUNDLED", {k: tmp_path / "bundled" / k for k in BUNDLED})
+    assert train.ship(tmp_path / "d") == tmp_path / "bundled" / "tiny-dense"
+    assert train.ship(tmp_path / "n") == tmp_path / "bundled" / "tiny-nosink"
+    assert sorted(p.name for p in (tmp_path / "bundled" / "tiny-dense").iterdir()) == \
+        ["metrics.jsonl", "model", "train_config.json"]
+    assert train.twin_config("dense") == dataclasses.replace(train.TrainConfig(), dense=True)
+    with pytest.raises(ValueError, match=r"^unknown twin 'moe': use dense or nosink$"):
+        train.twin_config("moe")
     with pytest.raises(ValueError, match="family_mix"):
         train.TrainConfig(family_mix=(0.5, 0.5, 0.0, 0.0, 0.1))
