@@ -34,6 +34,12 @@
 //    meets x only once, so rather than scaling the 32 weights, scale their sum: one multiply per block
 //    instead of two. The same sum up to float32 rounding; only scale bytes 0 and 1, whose weights can be
 //    too small for a normal float, keep the exact per-weight path.
+// 8. At one input row on x86 (AVX2), decoding is the bottleneck, not memory: three register shuffles per
+//    8 weights (two table halves and a blend). There the table holds *twice* each value, the integers
+//    0, 1, 2, 3, 4, 6, 8, 12 and their negatives, one byte each: a byte shuffle (pshufb) decodes all 16
+//    low nibbles of a block at once, another the 16 high ones, and a widening move and an int -> float
+//    conversion per 8 weights follow. Twice the value is exact, and the block's sum is scaled by
+//    2^(s - 127) / 2 (a power of two: exact too), so this is the same sum as 7. up to float32 rounding.
 
 #include <algorithm>
 #include <cstdint>
@@ -42,6 +48,10 @@
 
 #include "common.h"
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 using oss_jax::fvec, oss_jax::ivec, oss_jax::kLanes, oss_jax::load;
@@ -127,12 +137,69 @@ inline void decode_lut(const uint8_t* q, fvec& even, fvec& odd) {
 inline void decode_lut(const uint8_t* q, fvec& even, fvec& odd) { decode_arith(q, even, odd); }
 #endif
 
+#if defined(__AVX2__)
+// One input row, T output rows, on x86 with AVX2: see 8. Blocks with scale byte 0 or 1 (weights that may
+// be subnormal) and 255 take the exact per-weight path of 7., in their own accumulators.
+template <int T>
+void tile_one_row_avx2(const uint8_t* q, const uint8_t* s, int64_t nb, const float* xe, const float* xo, float* y) {
+  const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m128i nibble = _mm_set1_epi8(15);
+  __m256 acc[T];
+  fvec tiny[T] = {};  // blocks of scale byte 0 or 1
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* e = xe + b * kBlock / 2;  // the block's 16 even inputs, then its 16 odd ones
+    const float* o = xo + b * kBlock / 2;
+    const __m256 e0 = _mm256_loadu_ps(e), e1 = _mm256_loadu_ps(e + 8);
+    const __m256 o0 = _mm256_loadu_ps(o), o1 = _mm256_loadu_ps(o + 8);
+    for (int t = 0; t < T; ++t) {
+      const uint8_t sc = s[t * nb + b];
+      const uint8_t* codes_at = q + (t * nb + b) * kBytes;
+      if (sc < 2 || sc == 255) {  // 255 (no real weight has it): infinity, as mxfp4.decode gives
+        for (int v = 0; v < kVecs; ++v) {
+          fvec even, odd;
+          decode_lut(codes_at + v * kLanes, even, odd);
+          apply_scale(sc, even, odd);
+          tiny[t] += even * load(e + v * kLanes);
+          tiny[t] += odd * load(o + v * kLanes);
+        }
+        continue;
+      }
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_at));
+      const __m128i lo = _mm_shuffle_epi8(twice, _mm_and_si128(codes, nibble));  // even inputs, x2
+      const __m128i hi = _mm_shuffle_epi8(twice, _mm_and_si128(_mm_srli_epi16(codes, 4), nibble));  // odd
+      __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), e0);
+      sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), e1, sum);
+      sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), o0, sum);
+      sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), o1, sum);
+      const uint32_t bits = uint32_t(sc - 1) << 23;  // 2^(s - 127) / 2: half the scale, undoing the "twice"
+      float half_scale;
+      std::memcpy(&half_scale, &bits, sizeof half_scale);
+      acc[t] = _mm256_fmadd_ps(sum, _mm256_set1_ps(half_scale), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[t]);
+    float total = 0.0f;
+    for (float v : lanes) total += v;
+    y[t] = total + oss_jax::lane_sum(tiny[t]);
+  }
+}
+#endif
+
 // One tile of y: T output rows (from o) times G input rows (from r), T x G sums kept in registers.
 // Each block of each of the T weight rows is decoded once and meets all G input rows; each load of
 // x meets all T weight rows. xe, xo: x's even and odd halves, rows `half` = I/2 floats apart.
 template <bool kLut, int T, int G>
 void tile(const uint8_t* q, const uint8_t* s, int64_t nb, const float* xe, const float* xo, int64_t half,
           float* y, int64_t O) {
+#if defined(__AVX2__)
+  if constexpr (kLut && G == 1) {  // one input row: see 8.
+    tile_one_row_avx2<T>(q, s, nb, xe, xo, y);
+    return;
+  }
+#endif
   fvec acc[T][G] = {};
   for (int64_t b = 0; b < nb; ++b) {
     for (int v = 0; v < kVecs; ++v) {  // the block's 16 bytes, kLanes at a time
