@@ -34,7 +34,7 @@ TINY_DIR = Path(__file__).parent / "tiny"  # the bundled model (oss_jax.train --
 # The bundled models by name: the tiny model and its two twins for the course, trained on the same recipe
 # and data (``oss-jax train --twin dense|nosink --ship``): the dense twin (one FFN with the tiny model's
 # active parameters per token) and the no-sink twin (no learned attention sinks). Each folder holds model/,
-# the training log and the evaluation; the twins have no snapshots (the three share 20 MiB).
+# the training log and the evaluation; the twins have no snapshots (the three share 20 MB).
 BUNDLED = {"tiny": TINY_DIR, "tiny-dense": Path(__file__).parent / "tiny_dense",
            "tiny-nosink": Path(__file__).parent / "tiny_nosink"}
 

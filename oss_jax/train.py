@@ -390,7 +390,7 @@ def twin_config(twin: str | None = None, **changes) -> TrainConfig:
 
 def ship(run_dir: str | Path, dst: str | Path | None = None) -> Path:
     """Install a finished run as a bundled model: its ``model/``, metrics and evaluation, and (the tiny model
-    only: the three share 20 MiB) its ``snapshots/``. ``dst``: default the folder of the run's bundled name
+    only: the three share 20 MB) its ``snapshots/``. ``dst``: default the folder of the run's bundled name
     (``twin_name``)."""
     run_dir = Path(run_dir)
     if not (run_dir / "model" / "config.json").exists():
