@@ -121,9 +121,10 @@ def logits_and_hlo(model, tokens):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_model_logits_native_on_equal_off(mxfp4_dir, tokens, dtype):
-    """The tiny MXFP4 checkpoint with packed experts: the default (``"auto"``) uses the kernel, and its
-    logits equal XLA's (``native=False``); float32 tightly, bfloat16 within its rounding."""
+def test_model_logits_native_on_equal_off(mxfp4_dir, tokens, dtype, monkeypatch):
+    """The tiny MXFP4 checkpoint with packed experts: the default (``"auto"``, here allowed every tile size) uses
+    the kernel, and its logits equal XLA's (``native=False``); float32 tightly, bfloat16 within its rounding."""
+    monkeypatch.setattr(native, "max_rows", lambda: 1 << 20)
     model = oss_jax.load(mxfp4_dir, dtype=dtype, experts="packed")
     t = jnp.asarray(tokens[:, :24])
     on, uses = logits_and_hlo(model, t)
@@ -134,6 +135,20 @@ def test_model_logits_native_on_equal_off(mxfp4_dir, tokens, dtype):
     tol = 1e-5 if dtype == "float32" else 0.05
     assert np.abs(off).max() > 1
     np.testing.assert_allclose(on, off, rtol=tol, atol=tol * np.abs(off).max())
+
+
+def test_auto_uses_the_kernel_up_to_max_rows():
+    """``"auto"`` runs the kernel for at most ``native.max_rows()`` rows (decode steps), XLA above it (its
+    matrix product is faster for a prefill's tiles); ``native=True`` runs it at any size. The rule is
+    measured per SIMD width: 8 rows for AVX2 and narrower, 64 for AVX-512."""
+    assert native.max_rows() in (8, 64)
+    blocks, scales = (jnp.asarray(a) for a in weights(4))
+    for R in (1, native.max_rows(), native.max_rows() + 1):
+        x = jnp.zeros((R, I), jnp.float32)
+        for setting, want in (("auto", R <= native.max_rows()), (True, True), (False, False)):
+            fn = jax.jit(lambda x, s=setting: expert_kernels.expert_matmul(x, (blocks, scales), jnp.int32(1),
+                                                                           jnp.float32, native=s))
+            assert (native.TARGET in fn.lower(x).as_text()) == want, (R, setting)
 
 
 def test_generate_greedy_is_the_same(mxfp4_dir, tokens):

@@ -218,12 +218,13 @@ def expert_matmul(x_RI: jax.Array, w, e: jax.Array, dtype, native: bool | str = 
 
     Packed weights on the CPU go to the native kernel instead (``kernels.native``: the packed bytes read
     in place, float32 sums) where ``native`` allows: ``"auto"`` (``Experts.native``'s default) when it is
-    built, ``True`` always, ``False`` never.
+    built and ``R <= kernels.native.max_rows()`` (decode steps; larger tiles of a prefill are faster with
+    XLA's matrix product), ``True`` always, ``False`` never.
     """
     R = x_RI.shape[0]
     if isinstance(w, tuple):
         blocks, scales = w
-        if native_cpu.enabled(native):
+        if native_cpu.enabled(native) and (native is True or R <= native_cpu.max_rows()):
             return native_cpu.expert_matmul(x_RI, blocks, scales, e).astype(jnp.result_type(x_RI, dtype))
         _, O, nb, half = blocks.shape
         C = _slice_rows(O, nb * half * 4)  # float32 bytes per output row of one nibble plane

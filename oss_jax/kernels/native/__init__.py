@@ -48,6 +48,7 @@ BF16_NN, BF16_NT = "oss_jax_bf16_matmul_nn", "oss_jax_bf16_matmul_nt"  # bf16_cp
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}  # "error": None once registered, else why not (after the first try)
+_lanes = [0]  # the SIMD width the library was built for (floats per register), once registered
 log = logging.getLogger("oss_jax")
 
 
@@ -62,6 +63,14 @@ def available() -> bool:
     compiler or the build fails.
     """
     return reason() is None
+
+
+def max_rows() -> int:
+    """Rows of ``x`` up to which ``"auto"`` multiplies packed experts with the kernel; above it XLA decodes
+    the expert and its matrix product wins. Measured with ``benchmarks/mxfp4_kernel.py``: built for AVX-512
+    (16 floats per register) the two were equal at 64 rows; for AVX2 (8) the kernel was 2x faster at 8 rows
+    and slower from 16 on (a 20b gate_up: 10.9 against 9.5 ms at 16 rows, 35 against 19 at 64)."""
+    return 64 if available() and _lanes[0] >= 16 else 8
 
 
 def reason() -> str | None:
@@ -253,5 +262,6 @@ def _register(lib: Path) -> None:
         for name, symbol in ((TARGET, so.OssJaxMxfp4Matmul), (PORTABLE_TARGET, so.OssJaxMxfp4MatmulArith),
                              (BF16_NN, so.OssJaxBf16MatmulNN), (BF16_NT, so.OssJaxBf16MatmulNT)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+        _lanes[0] = int(so.OssJaxSimdLanes())
     except (OSError, AttributeError) as err:
         raise Unavailable(f"cannot load {lib}: {err}") from None

@@ -34,11 +34,11 @@
 //    meets x only once, so rather than scaling the 32 weights, scale their sum: one multiply per block
 //    instead of two. The same sum up to float32 rounding; only scale bytes 0 and 1, whose weights can be
 //    too small for a normal float, keep the exact per-weight path.
-// 8. At one input row on x86 (AVX2), decoding is the bottleneck, not memory: three register shuffles per
-//    8 weights (two table halves and a blend). There the table holds *twice* each value, the integers
-//    0, 1, 2, 3, 4, 6, 8, 12 and their negatives, one byte each: a byte shuffle (pshufb) decodes all 16
-//    low nibbles of a block at once, another the 16 high ones, and a widening move and an int -> float
-//    conversion per 8 weights follow. Twice the value is exact, and the block's sum is scaled by
+// 8. At one input row on x86 with AVX2 but not AVX-512, decoding is the bottleneck, not memory: three
+//    register shuffles per 8 weights (two table halves and a blend; AVX-512 holds the table in one
+//    register). There the table holds *twice* each value, the integers 0, 1, 2, 3, 4, 6, 8, 12 and their
+//    negatives, one byte each: a byte shuffle (pshufb) decodes all 16 low nibbles of a block at once,
+//    another the 16 high ones, and a widening move and an int -> float conversion per 8 weights follow. Twice the value is exact, and the block's sum is scaled by
 //    2^(s - 127) / 2 (a power of two: exact too), so this is the same sum as 7. up to float32 rounding.
 
 #include <algorithm>
@@ -49,7 +49,8 @@
 #include "common.h"
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define OSS_JAX_ONE_ROW_AVX2 1  // point 8; with AVX-512, one vpermps already decodes 16 weights from the table
 #include <immintrin.h>
 #endif
 
@@ -137,7 +138,7 @@ inline void decode_lut(const uint8_t* q, fvec& even, fvec& odd) {
 inline void decode_lut(const uint8_t* q, fvec& even, fvec& odd) { decode_arith(q, even, odd); }
 #endif
 
-#if defined(__AVX2__)
+#if defined(OSS_JAX_ONE_ROW_AVX2)
 // One input row, T output rows, on x86 with AVX2: see 8. Blocks with scale byte 0 or 1 (weights that may
 // be subnormal) and 255 take the exact per-weight path of 7., in their own accumulators.
 template <int T>
@@ -194,7 +195,7 @@ void tile_one_row_avx2(const uint8_t* q, const uint8_t* s, int64_t nb, const flo
 template <bool kLut, int T, int G>
 void tile(const uint8_t* q, const uint8_t* s, int64_t nb, const float* xe, const float* xo, int64_t half,
           float* y, int64_t O) {
-#if defined(__AVX2__)
+#if defined(OSS_JAX_ONE_ROW_AVX2)
   if constexpr (kLut && G == 1) {  // one input row: see 8.
     tile_one_row_avx2<T>(q, s, nb, xe, xo, y);
     return;
@@ -308,6 +309,9 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::U8, 4> blocks, ff
       .Arg<ffi::BufferR0<ffi::S32>>()  /* expert e */  \
       .Ret<ffi::Buffer<ffi::F32, 2>>() /* y */         \
       .Ctx<ffi::ThreadPool>()
+
+// The SIMD width this library was built for (floats per register): kernels/native/__init__.py's max_rows.
+extern "C" int OssJaxSimdLanes() { return kLanes; }
 
 // The fastest decoder this compiler offers, and the portable one (tested equal to each other).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OssJaxMxfp4Matmul, Matmul<true>, OSS_JAX_MXFP4_BINDING);
