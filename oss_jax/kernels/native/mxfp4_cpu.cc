@@ -38,8 +38,9 @@
 //    register shuffles per 8 weights (two table halves and a blend; AVX-512 holds the table in one
 //    register). There the table holds *twice* each value, the integers 0, 1, 2, 3, 4, 6, 8, 12 and their
 //    negatives, one byte each: a byte shuffle (pshufb) decodes all 16 low nibbles of a block at once,
-//    another the 16 high ones, and a widening move and an int -> float conversion per 8 weights follow. Twice the value is exact, and the block's sum is scaled by
-//    2^(s - 127) / 2 (a power of two: exact too), so this is the same sum as 7. up to float32 rounding.
+//    another the 16 high ones, and a widening move and an int -> float conversion per 8 weights follow.
+//    Twice the value is exact, and the block's sum is scaled by 2^(s - 127) / 2 (a power of two: exact
+//    too), so this is the same sum as 7. up to float32 rounding.
 
 #include <algorithm>
 #include <cstdint>
@@ -146,7 +147,7 @@ void tile_one_row_avx2(const uint8_t* q, const uint8_t* s, int64_t nb, const flo
   const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
   const __m128i nibble = _mm_set1_epi8(15);
   __m256 acc[T];
-  fvec tiny[T] = {};  // blocks of scale byte 0 or 1
+  fvec tiny[T] = {};  // blocks of scale byte 0, 1 or 255
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const float* e = xe + b * kBlock / 2;  // the block's 16 even inputs, then its 16 odd ones
@@ -180,11 +181,7 @@ void tile_one_row_avx2(const uint8_t* q, const uint8_t* s, int64_t nb, const flo
     }
   }
   for (int t = 0; t < T; ++t) {
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, acc[t]);
-    float total = 0.0f;
-    for (float v : lanes) total += v;
-    y[t] = total + oss_jax::lane_sum(tiny[t]);
+    y[t] = oss_jax::lane_sum(fvec(acc[t])) + oss_jax::lane_sum(tiny[t]);  // without AVX-512, fvec is 8 floats
   }
 }
 #endif
