@@ -87,6 +87,44 @@ def test_smallest_scale_flushes_like_xla(target, R):
     check(got, x, blocks, scales, 1)
 
 
+@pytest.mark.parametrize("target", TARGETS, ids=["lut", "portable"])
+def test_one_row_special_blocks(target):
+    """One input row over 19 blocks (two groups of 8 and a tail of 3: the integer one-row path of
+    ``mxfp4_cpu.cc``, point 8, sorts its blocks 8 at a time). Blocks it must hand to the exact path: scale
+    bytes 0 and 1 inside a group of 8, and an output row whose scales are so small that its blocks' combined
+    scales (with x) are below float32's normal range while the products are not; and blocks it keeps: an input block
+    of zeros, one spanning 12 orders of magnitude. Then an inf input, and a scale byte of 255: inf and NaN
+    wherever the reference has them, the other outputs as before."""
+    I1 = 19 * 32
+    rng = np.random.default_rng(11)
+    blocks = rng.integers(0, 256, (1, O, I1 // 32, 16), dtype=np.uint8)
+    scales = rng.integers(110, 130, (1, O, I1 // 32), dtype=np.uint8)
+    x = rng.normal(0, 1, (I1,)).astype(np.float32)
+    scales[0, 3:6, 2] = [0, 1, 254]
+    blocks[0, 5, 2] &= 0xBB  # magnitudes <= 1.5 under the 2^127 scale: no overflow
+    scales[0, 6] = 10  # weights ~2^-117, products ~2^-117; combined scales ~2^-13 * 2^-118
+    x[4 * 32:5 * 32] = 0.0
+    x[17 * 32:18 * 32] *= np.logspace(-6, 6, 32, dtype=np.float32)
+    x[2 * 32:3 * 32] *= 1e-3  # keeps the 2^127 block's products finite
+    got = native.expert_matmul(x[None], blocks, scales, 0, target=target)
+    check(got, x[None], blocks, scales, 0)
+    # Not finite: an inf input, then a weight block of scale byte 255 (infinity, as mxfp4.decode has it).
+    bad_x, bad_scales = x.copy(), scales.copy()
+    bad_x[7 * 32 + 5] = np.inf
+    bad_scales[0, 7, 12] = 255
+    quiet = x.copy()
+    quiet[12 * 32:13 * 32] *= 1e-20  # so that a finite 2^127 in place of infinity would not overflow
+    for xs, ss in ((bad_x, scales), (quiet, bad_scales)):
+        got = np.asarray(native.expert_matmul(xs[None], blocks, ss, 0, target=target))
+        want = np.asarray(mxfp4.matmul(jnp.asarray(xs[None]), blocks[0], ss[0], jnp.float32))
+        assert not np.isfinite(want).all()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+        finite = np.isfinite(want)[0]  # every output with the inf input; all rows but row 7 with the 255 byte
+        if finite.any():
+            check(got[:, finite], xs[None], blocks[:, finite], ss[:, finite], 0)
+
+
 def test_large_tile_and_threads():
     """A 20b-like row count: 2 threads over 1152 output rows, 64 input rows (16 tiles of 4)."""
     rng = np.random.default_rng(9)

@@ -38,11 +38,14 @@
 //    register shuffles per 8 weights (two table halves and a blend; AVX-512 holds the table in one
 //    register). There the table holds *twice* each value, the integers 0, 1, 2, 3, 4, 6, 8, 12 and their
 //    negatives, one byte each: a byte shuffle (pshufb) decodes all 16 low nibbles of a block at once,
-//    another the 16 high ones, and a widening move and an int -> float conversion per 8 weights follow.
-//    Twice the value is exact, and the block's sum is scaled by 2^(s - 127) / 2 (a power of two: exact
-//    too), so this is the same sum as 7. up to float32 rounding.
+//    another the 16 high ones. Twice the value is exact, and so is the rest if x is made of integers too:
+//    x is written once per call as int16 per block, with a second int16 for what that rounds away
+//    (Int16Row, below), and a block's 32 products are integer multiply-adds (vpmaddwd), exact, turned
+//    into one float per lane and scaled once by the block's scales. The same sum as 7. up to float32
+//    rounding. (llama.cpp rounds x to int8 and keeps only that: 2x fewer multiply-adds, x kept to 2^-8.)
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -140,49 +143,100 @@ inline void decode_lut(const uint8_t* q, fvec& even, fvec& odd) { decode_arith(q
 #endif
 
 #if defined(OSS_JAX_ONE_ROW_AVX2)
-// One input row, T output rows, on x86 with AVX2: see 8. Blocks with scale byte 0 or 1 (weights that may
-// be subnormal) and 255 take the exact per-weight path of 7., in their own accumulators.
-template <int T>
-void tile_one_row_avx2(const uint8_t* q, const uint8_t* s, int64_t nb, const float* xe, const float* xo, float* y) {
-  const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-  const __m128i nibble = _mm_set1_epi8(15);
-  __m256 acc[T];
-  fvec tiny[T] = {};  // blocks of scale byte 0, 1 or 255
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const float* e = xe + b * kBlock / 2;  // the block's 16 even inputs, then its 16 odd ones
-    const float* o = xo + b * kBlock / 2;
-    const __m256 e0 = _mm256_loadu_ps(e), e1 = _mm256_loadu_ps(e + 8);
-    const __m256 o0 = _mm256_loadu_ps(o), o1 = _mm256_loadu_ps(o + 8);
-    for (int t = 0; t < T; ++t) {
-      const uint8_t sc = s[t * nb + b];
-      const uint8_t* codes_at = q + (t * nb + b) * kBytes;
-      if (sc < 2 || sc == 255) {  // 255 (no real weight has it): infinity, as mxfp4.decode gives
-        for (int v = 0; v < kVecs; ++v) {
-          fvec even, odd;
-          decode_lut(codes_at + v * kLanes, even, odd);
-          apply_scale(sc, even, odd);
-          tiny[t] += even * load(e + v * kLanes);
-          tiny[t] += odd * load(o + v * kLanes);
-        }
-        continue;
+// One input row on x86 with AVX2: see 8. x is held as integers, per block of 32 inputs b:
+//   x[i] = d[b] * (hi[i] + lo[i] / 32768),  d[b] = max |x in b| / 32767,  hi, lo int16
+// hi alone would round x to 2^-16 of its block's largest input; lo carries that rounding error, so what
+// is left (2^-31 of the largest input) is far below float32's own rounding. A block's products are then
+// integer multiply-adds (vpmaddwd: 16 pairs of int16 into 8 int32 sums) of the twice-values with hi and
+// with lo, exact in int32, converted to floats once per block and scaled by d[b] * 2^(s - 127) / 2.
+struct Int16Row {
+  std::vector<int16_t> q;  // per block 64 values: hi of the 16 even inputs, of the 16 odd, then lo of each
+  std::vector<float> d;    // per block; NaN where an input is not finite (the exact path gives inf or NaN)
+  explicit Int16Row(const float* x, int64_t nb) : q(nb * 64), d(nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + b * kBlock;
+      float m = 0.0f;
+      for (int i = 0; i < kBlock; ++i) m = std::max(m, std::fabs(xb[i]));
+      d[b] = std::isfinite(m) ? m / 32767.0f : NAN;
+      for (int i = 0; i < kBlock; ++i) {
+        const float v = d[b] > 0.0f ? xb[i] / d[b] : 0.0f;  // |v| <= 32767 (up to rounding)
+        const float h = std::nearbyint(v);
+        const int64_t at = b * 64 + (i % 2) * 16 + i / 2;  // even inputs, then odd: the nibbles' order (5.)
+        q[at] = int16_t(h);
+        q[at + 32] = int16_t(std::nearbyint((v - h) * 32768.0f));  // |v - h| <= 1/2: |lo| <= 16384
       }
-      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_at));
-      const __m128i lo = _mm_shuffle_epi8(twice, _mm_and_si128(codes, nibble));  // even inputs, x2
-      const __m128i hi = _mm_shuffle_epi8(twice, _mm_and_si128(_mm_srli_epi16(codes, 4), nibble));  // odd
-      __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), e0);
-      sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), e1, sum);
-      sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), o0, sum);
-      sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), o1, sum);
-      const uint32_t bits = uint32_t(sc - 1) << 23;  // 2^(s - 127) / 2: half the scale, undoing the "twice"
-      float half_scale;
-      std::memcpy(&half_scale, &bits, sizeof half_scale);
-      acc[t] = _mm256_fmadd_ps(sum, _mm256_set1_ps(half_scale), acc[t]);
     }
   }
-  for (int t = 0; t < T; ++t) {
-    y[t] = oss_jax::lane_sum(fvec(acc[t])) + oss_jax::lane_sum(tiny[t]);  // without AVX-512, fvec is 8 floats
+};
+
+// A row's scales d[b] * 2^(s[b] - 127) / 2 (the "/ 2" undoes the twice-values), 8 blocks at a time. Blocks
+// the integer path must not take get 0 and are listed in `exact`: scale byte 0 or 1 (weights that may be
+// subnormal) or 255 (infinity), an input that is not finite, or a scale below float32's normal range.
+// Returns how many there are.
+inline int64_t row_scales(const uint8_t* s, int64_t nb, const float* d, float* scale, int64_t* exact) {
+  int64_t n = 0;
+  auto one = [&](int64_t b) {
+    const uint32_t bits = uint32_t(s[b] - 1) << 23;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    scale[b] = f * d[b];
+    if (s[b] < 2 || s[b] == 255 || !(scale[b] >= 0x1p-126f || d[b] == 0.0f)) {
+      scale[b] = 0.0f;
+      exact[n++] = b;
+    }
+  };
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    const __m256i byte = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + b)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_sub_epi32(byte, _mm256_set1_epi32(1)), 23);
+    const __m256 dv = _mm256_loadu_ps(d + b), f = _mm256_mul_ps(_mm256_castsi256_ps(bits), dv);
+    const __m256i bad_byte = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(2), byte),
+                                             _mm256_cmpeq_epi32(byte, _mm256_set1_epi32(255)));
+    const __m256 good_scale = _mm256_or_ps(_mm256_cmp_ps(f, _mm256_set1_ps(0x1p-126f), _CMP_GE_OQ),
+                                           _mm256_cmp_ps(dv, _mm256_setzero_ps(), _CMP_EQ_OQ));
+    _mm256_storeu_ps(scale + b, f);
+    if (_mm256_movemask_ps(_mm256_andnot_ps(_mm256_castsi256_ps(bad_byte), good_scale)) != 0xFF) {
+      for (int64_t j = b; j < b + 8; ++j) one(j);  // rare: sort these 8 out one by one
+    }
   }
+  for (; b < nb; ++b) one(b);
+  return n;
+}
+
+// y = x . row for one output row: nb blocks of codes q and scale bytes s; `scale` and `exact` scratch of nb.
+inline float one_row_avx2(const uint8_t* q, const uint8_t* s, int64_t nb, const Int16Row& x, const float* xe,
+                          const float* xo, float* scale, int64_t* exact) {
+  const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m128i nibble = _mm_set1_epi8(15);
+  const int64_t n_exact = row_scales(s, nb, x.d.data(), scale, exact);
+  __m256 acc_hi = _mm256_setzero_ps(), acc_lo = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {  // every block; those in `exact` have scale 0 here
+    const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * kBytes));
+    const __m256i w_even = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(twice, _mm_and_si128(codes, nibble)));
+    const __m256i w_odd = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(twice, _mm_and_si128(_mm_srli_epi16(codes, 4), nibble)));
+    const __m256i* xq = reinterpret_cast<const __m256i*>(x.q.data() + b * 64);
+    const __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(w_even, _mm256_loadu_si256(xq)),
+                                        _mm256_madd_epi16(w_odd, _mm256_loadu_si256(xq + 1)));
+    const __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(w_even, _mm256_loadu_si256(xq + 2)),
+                                        _mm256_madd_epi16(w_odd, _mm256_loadu_si256(xq + 3)));
+    const __m256 scale8 = _mm256_broadcast_ss(scale + b);
+    acc_hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale8, acc_hi);  // |hi sums| < 2^21: exact as floats
+    acc_lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale8, acc_lo);
+  }
+  fvec rest = {};  // the blocks of `exact`, on the per-weight path of 7.
+  for (int64_t j = 0; j < n_exact; ++j) {
+    const int64_t b = exact[j];
+    for (int v = 0; v < kVecs; ++v) {
+      fvec even, odd;
+      decode_lut(q + b * kBytes + v * kLanes, even, odd);
+      apply_scale(s[b], even, odd);
+      rest += even * load(xe + b * kBlock / 2 + v * kLanes);
+      rest += odd * load(xo + b * kBlock / 2 + v * kLanes);
+    }
+  }
+  // Without AVX-512, fvec is 8 floats: one __m256.
+  return oss_jax::lane_sum(fvec(acc_hi)) + oss_jax::lane_sum(fvec(acc_lo)) * (1.0f / 32768.0f) +
+         oss_jax::lane_sum(rest);
 }
 #endif
 
@@ -192,12 +246,6 @@ void tile_one_row_avx2(const uint8_t* q, const uint8_t* s, int64_t nb, const flo
 template <bool kLut, int T, int G>
 void tile(const uint8_t* q, const uint8_t* s, int64_t nb, const float* xe, const float* xo, int64_t half,
           float* y, int64_t O) {
-#if defined(OSS_JAX_ONE_ROW_AVX2)
-  if constexpr (kLut && G == 1) {  // one input row: see 8.
-    tile_one_row_avx2<T>(q, s, nb, xe, xo, y);
-    return;
-  }
-#endif
   fvec acc[T][G] = {};
   for (int64_t b = 0; b < nb; ++b) {
     for (int v = 0; v < kVecs; ++v) {  // the block's 16 bytes, kLanes at a time
@@ -289,6 +337,19 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::U8, 4> blocks, ff
     xo[i] = xp[2 * i + 1];
   }
   float* yp = y->typed_data();
+#if defined(OSS_JAX_ONE_ROW_AVX2)
+  if (kLut && R == 1) {  // one input row: see 8. One output row at a time: faster here than tiles of kRows.
+    const Int16Row xq(xp, nb);
+    oss_jax::parallel_chunks(pool, O, kChunk, I, [&](int64_t o0, int64_t o1) {
+      std::vector<float> scale(nb);
+      std::vector<int64_t> exact(nb);
+      for (int64_t o = o0; o < o1; ++o) {
+        yp[o] = one_row_avx2(q + o * nb * kBytes, s + o * nb, nb, xq, xe.data(), xo.data(), scale.data(), exact.data());
+      }
+    });
+    return ffi::Error::Success();
+  }
+#endif
   // Output rows are independent: chunks of kChunk of them, spread over XLA's threads (common.h).
   oss_jax::parallel_chunks(pool, O, kChunk, I * R, [&](int64_t o0, int64_t o1) {
     rows<kLut>(q, s, nb, xe.data(), xo.data(), R, yp, O, o0, o1);
