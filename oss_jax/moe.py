@@ -24,6 +24,7 @@ from oss_jax import mxfp4
 from oss_jax.config import Config
 from oss_jax.kernels import experts as fast
 from oss_jax.kernels import mxfp4 as fast_mxfp4
+from oss_jax.kernels import native as native_cpu
 from oss_jax.layers import Packed, Recording, check_impl, f32, param, sow
 
 
@@ -115,7 +116,12 @@ class Experts(nnx.Module):
         if check_impl(self.impl) == "reference" or self.dispatch == "dense":
             return self.reference(x_XD, idx_Xk, gates_Xk)
         return fast.mix(self.ffn, self.gate_up_bias_EF2.shape[0], x_XD, idx_Xk, gates_Xk, self.dispatch,
-                        grouped=self.grouped)
+                        grouped=self.grouped, native_grouped=self.native_grouped())
+
+    def native_grouped(self) -> bool:
+        """Whether :meth:`grouped` multiplies on the native CPU kernel (``kernels.native.grouped_matmul``):
+        packed experts, ``native`` allowing it, one device (XLA cannot split a custom call across devices)."""
+        return self.packed and native_cpu.enabled(self.native) and jax.device_count() == 1
 
     def ffn(self, e: jax.Array, x_RD: jax.Array) -> jax.Array:
         """Expert ``e`` (a traced scalar) on rows ``x [R, D]`` -> ``[R, D]`` float32: the step of the
@@ -141,8 +147,21 @@ class Experts(nnx.Module):
 
         Each projection is one ``jax.lax.ragged_dot`` over the stacked ``[E, in, out]`` weights (adapters
         too: ``ExpertsLora`` with ``sizes``). Packed weights are decoded whole to ``dtype`` first
-        (``kernels.mxfp4.decode``, the same bits as :meth:`ffn`'s): a transient copy of every expert.
+        (``kernels.mxfp4.decode``, the same bits as :meth:`ffn`'s): a transient copy of every expert. On the
+        CPU (:meth:`native_grouped`) the native kernel multiplies by the packed bytes instead, in float32.
         """
+        if self.native_grouped():
+            w1 = self.gate_up_blocks[...], self.gate_up_scales[...]
+            w2 = self.down_blocks[...], self.down_scales[...]
+            dt = jnp.result_type(x_PD, self.dtype)  # float32 sums, rounded to the dtype as ffn's products are
+            h = native_cpu.grouped_matmul(x_PD, *w1, sizes_E).astype(dt) + self.gate_up_bias_EF2[...][e_P]
+            if self.lora is not None:
+                h = h + self.lora.gate_up(x_PD, sizes=sizes_E)
+            s = swiglu(h, self.limit, self.alpha)
+            y = native_cpu.grouped_matmul(s, *w2, sizes_E).astype(jnp.result_type(s, self.dtype))
+            if self.lora is not None:
+                y = y + self.lora.down(s, sizes=sizes_E)
+            return (y + self.down_bias_ED[...][e_P]).astype(f32)
         if self.packed:
             decode = fast_mxfp4.decode
             w1 = jnp.swapaxes(decode(self.gate_up_blocks[...], self.gate_up_scales[...], self.dtype), -1, -2)

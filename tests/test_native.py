@@ -151,24 +151,72 @@ def test_gradient_with_respect_to_x_equals_xla():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
+def grouped_case(seed: int, I: int, O: int, sizes: list[int], P: int):
+    """Random packed experts ``[len(sizes), O, I/32, 16]``, scales 100..140 with bytes 0, 1 and 254 in expert 0,
+    and ``P`` rows of x (``sizes`` of them in groups)."""
+    rng = np.random.default_rng(seed)
+    E_ = len(sizes)
+    blocks = rng.integers(0, 256, (E_, O, I // 32, 16), dtype=np.uint8)
+    scales = rng.integers(100, 141, (E_, O, I // 32), dtype=np.uint8)
+    scales[0, 1:4, 0] = [0, 1, 254]
+    blocks[0, 3, 0] &= 0xBB  # magnitudes <= 1.5 under 2^127: finite products with the small inputs below
+    x = rng.normal(0, 1, (P, I)).astype(np.float32)
+    x[:, :32] *= 1e-30  # the inputs of block 0: products of the 2^127 block stay finite
+    return x, blocks, scales, np.asarray(sizes, np.int32)
+
+
+@pytest.mark.parametrize("I, O, sizes, P", [
+    (96, 38, [7, 0, 13, 1, 6], 30),      # O not a multiple of the 16-column panel; an expert without rows
+    (608, 40, [2, 9, 0], 14),           # 19 blocks: three 256-step panels (the last 96); 3 rows in no group
+    (64, 300, [20, 5], 25),             # the gradient's panels run over O = 300: 256 + 44
+])
+def test_grouped_kernel_equals_the_reference(I, O, sizes, P):
+    """``native.grouped_matmul``: each row times its expert's decoded weight, within float32 summation
+    error (:func:`check`); rows in no group are 0; and its gradient (the same kernel, ``dy @ W``) likewise."""
+    x, blocks, scales, sizes_E = grouped_case(P + I, I, O, sizes, P)
+    got = np.asarray(jax.jit(native.grouped_matmul)(x, blocks, scales, sizes_E))
+    assert got.shape == (P, O)
+    expert = np.repeat(np.arange(len(sizes)), sizes)
+    for e in range(len(sizes)):
+        mine = expert == e
+        if mine.any():
+            check(got[:len(expert)][mine], x[:len(expert)][mine], blocks, scales, e)
+    np.testing.assert_array_equal(got[len(expert):], 0.0)
+    c = np.random.default_rng(1).normal(0, 1, (P, O)).astype(np.float32)
+    c[:, 3] *= 1e-30  # the outputs of the 2^127 block: finite products in the gradient too
+    dx = np.asarray(jax.grad(lambda x: jnp.sum(c * native.grouped_matmul(x, blocks, scales, sizes_E)))(x))
+    for p, e in enumerate(expert):
+        w = np.asarray(mxfp4.decode(blocks[e], scales[e], jnp.float32), np.float64)
+        want = c[p].astype(np.float64) @ w
+        bound = 1e-5 * (np.abs(c[p]).astype(np.float64) @ np.abs(w))
+        assert np.all(np.abs(dx[p] - want) <= bound), f"row {p} (expert {e}): gradient differs"
+    np.testing.assert_array_equal(dx[len(expert):], 0.0)
+
+
 # -- (b) the model ---------------------------------------------------------------------------------
-def logits_and_hlo(model, tokens):
-    """Logits of ``tokens`` and whether the compiled forward pass calls the native kernel."""
+def logits_and_hlo(model, tokens, target=native.TARGET):
+    """Logits of ``tokens`` and whether the compiled forward pass calls the native kernel ``target``."""
     fn = jax.jit(lambda t: model.apply(t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape))[0])
-    return np.asarray(fn(tokens)), native.TARGET in fn.lower(tokens).as_text()
+    return np.asarray(fn(tokens)), target in fn.lower(tokens).as_text()
 
 
+@pytest.mark.parametrize("kernel", ["grouped", "tiles"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_model_logits_native_on_equal_off(mxfp4_dir, tokens, dtype, monkeypatch):
-    """The tiny MXFP4 checkpoint with packed experts: the default (``"auto"``, here allowed every tile size) uses
-    the kernel, and its logits equal XLA's (``native=False``); float32 tightly, bfloat16 within its rounding."""
+def test_model_logits_native_on_equal_off(mxfp4_dir, tokens, dtype, kernel, monkeypatch):
+    """The tiny MXFP4 checkpoint with packed experts, 48 tokens: the default (``"auto"``) takes the grouped kernel
+    (144 pairs of 7 experts, above ``GROUPED_MIN_ROWS`` per expert); with that rule off, sorted tiles on the
+    one-row kernel (here allowed every tile size). Either way its logits equal XLA's (``native=False``);
+    float32 tightly, bfloat16 within its rounding."""
     monkeypatch.setattr(native, "max_rows", lambda: 1 << 20)
+    if kernel == "tiles":
+        monkeypatch.setattr(expert_kernels, "GROUPED_MIN_ROWS", 1 << 20)
     model = oss_jax.load(mxfp4_dir, dtype=dtype, experts="packed")
     t = jnp.asarray(tokens[:, :24])
-    on, uses = logits_and_hlo(model, t)
+    target = native.GROUPED_NT if kernel == "grouped" else native.TARGET
+    on, uses = logits_and_hlo(model, t, target)
     assert uses
     model.set_attributes(native=False)
-    off, uses = logits_and_hlo(model, t)
+    off, uses = logits_and_hlo(model, t, target)
     assert not uses
     tol = 1e-5 if dtype == "float32" else 0.05
     assert np.abs(off).max() > 1

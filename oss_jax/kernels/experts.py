@@ -48,6 +48,8 @@ SORTED_TILE = 128
 # An expert's weight is read in slices of at most this many bytes (of float32 nibble planes when
 # packed): see expert_matmul.
 SLICE_BYTES = 4 << 20
+# Pairs per expert (on average) from which "auto" takes the native grouped kernel on the CPU (choose).
+GROUPED_MIN_ROWS = 8
 MODES = ("auto", "gather", "sorted", "ragged", "scan", "dense")
 Ffn = Callable[[jax.Array, jax.Array], jax.Array]  # ffn(e, x [R, D]) -> [R, D] float32
 # grouped(x [P, D] sorted by expert, expert of each row e [P], rows per expert sizes [E]) -> [P, D] float32
@@ -56,12 +58,13 @@ ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")  # platforms where "auto" prefers 
 
 
 def mix(ffn: Ffn, E: int, x_XD: jax.Array, idx_Xk: jax.Array, gates_Xk: jax.Array, mode: str,
-        grouped: Grouped | None = None) -> jax.Array:
+        grouped: Grouped | None = None, native_grouped: bool = False) -> jax.Array:
     """``sum_k gates[x, k] * ffn(idx[x, k], x)`` -> ``[X, D]`` float32, by ``mode`` (gather, sorted,
     ragged, scan or auto; ragged needs ``grouped``, the same experts as one grouped matmul). An index
-    outside ``[0, E)`` (another device's expert) contributes nothing."""
+    outside ``[0, E)`` (another device's expert) contributes nothing. ``native_grouped``: ``grouped`` runs
+    on the native CPU kernel (:func:`choose`)."""
     X, k = idx_Xk.shape
-    mode = choose(mode, X * k, E)
+    mode = choose(mode, X * k, E, native_grouped)
     if mode == "ragged":
         if grouped is None:
             raise ValueError("expert dispatch 'ragged' needs the experts' grouped matmul (Experts.grouped)")
@@ -87,7 +90,7 @@ def backend() -> str:
     return jax.default_backend()
 
 
-def choose(mode: str, pairs: int, E: int) -> str:
+def choose(mode: str, pairs: int, E: int, native_grouped: bool = False) -> str:
     """The dispatch that runs for ``mode`` on ``pairs`` (token, expert) pairs of ``E`` experts: ``mode``
     itself, or for ``"auto"`` the one place the choice is made, per backend:
 
@@ -98,11 +101,20 @@ def choose(mode: str, pairs: int, E: int) -> str:
       (Not yet measured on a GPU: ``benchmarks/gpu.py`` times the prefill both ways.)
     * otherwise on the CPU: sorted. XLA's CPU backend has no grouped matmul: it runs ``ragged_dot`` as a
       masked dense matmul over every expert (E times the work: a 256-token prefill with 32 experts is about
-      17x slower than sorted), while sorted's 2-D matmuls run at full speed.
+      17x slower than sorted), while sorted's 2-D matmuls run at full speed. Except with packed experts
+      on the native kernels (``native_grouped``) and at least ``GROUPED_MIN_ROWS`` rows per expert: ragged.
+      ``native.grouped_matmul`` decodes each expert once per call, a panel at a time in the cache, where
+      sorted decodes a whole float32 copy of the expert per tile and pads every tile: 2,048 pairs of
+      gpt-oss-20b (a 512-token prefill) take about half the time (``benchmarks/mxfp4_kernel.py``). With few
+      rows per expert the decode is most of the work, and sorted's tiles run the one-row kernel.
     """
     if mode != "auto":
         return mode
-    return "gather" if pairs < E else grouped_dispatch()
+    if pairs < E:
+        return "gather"
+    if native_grouped and backend() == "cpu" and pairs >= GROUPED_MIN_ROWS * E:
+        return "ragged"
+    return grouped_dispatch()
 
 
 def grouped_dispatch() -> str:

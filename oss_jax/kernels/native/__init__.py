@@ -40,11 +40,12 @@ from oss_jax.kernels import mxfp4
 from oss_jax.mxfp4 import BLOCK, checked
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "mxfp4_cpu.cc", HERE / "bf16_cpu.cc"]  # compiled together into one library
+SOURCES = [HERE / "mxfp4_cpu.cc", HERE / "mxfp4_grouped_cpu.cc", HERE / "bf16_cpu.cc"]  # one library
 HEADERS = [HERE / "common.h"]
 TARGET = "oss_jax_mxfp4_matmul"  # the fastest decoder the compiler offers (a register table look-up on GCC)
 PORTABLE_TARGET = "oss_jax_mxfp4_matmul_arith"  # the portable decoder, the same values (tests compare both)
 BF16_NN, BF16_NT = "oss_jax_bf16_matmul_nn", "oss_jax_bf16_matmul_nt"  # bf16_cpu.cc: x @ w, x @ w.T
+GROUPED_NT, GROUPED_NN = "oss_jax_mxfp4_grouped_nt", "oss_jax_mxfp4_grouped_nn"  # mxfp4_grouped_cpu.cc
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}  # "error": None once registered, else why not (after the first try)
@@ -155,6 +156,54 @@ def _matmul_bwd(target, res, dy_RO):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def grouped_matmul(x_PI: jax.Array, blocks: jax.Array, scales: jax.Array, sizes_E: jax.Array) -> jax.Array:
+    """Rows sorted by expert times their expert, ``x[p] @ decode(blocks[e], scales[e]).T`` -> ``[P, O]`` float32,
+    by the native grouped kernel (``mxfp4_grouped_cpu.cc``): what ``jax.lax.ragged_dot`` computes with the
+    decoded experts, without decoding them in memory.
+
+    Args:
+      x_PI: ``[P, I]`` floats (computed in float32), the rows of expert 0 first, then those of expert 1, ...
+      blocks: uint8 ``[E, O, I/32, 16]``; scales: uint8 ``[E, O, I/32]`` (read in place).
+      sizes_E: int32 ``[E]``, rows per expert; rows past ``sum(sizes)`` get 0.
+
+    Differentiable with respect to ``x`` (the backward pass is the same kernel, ``dy @ W``); the weights get
+    no gradient. Builds the kernels on the first call; a one-line ``RuntimeError`` where it cannot.
+    """
+    why = reason()
+    if why is not None:
+        raise RuntimeError(f"kernels.native.grouped_matmul: the native kernels are unavailable ({why})")
+    blocks, scales = checked(blocks, scales, "kernels.native.grouped_matmul")
+    if (blocks.ndim != 4 or x_PI.ndim != 2 or x_PI.shape[1] != blocks.shape[2] * BLOCK
+            or sizes_E.shape != blocks.shape[:1]):
+        raise ValueError(f"kernels.native.grouped_matmul: x {x_PI.shape}, blocks {blocks.shape} and sizes "
+                         f"{sizes_E.shape} do not match (expected x [P, I], blocks [E, O, I/32, 16], sizes [E])")
+    return _grouped(x_PI.astype(jnp.float32), blocks, scales, sizes_E.astype(jnp.int32))
+
+
+def _grouped_call(target: str, x: jax.Array, blocks: jax.Array, scales: jax.Array, sizes_E: jax.Array) -> jax.Array:
+    N = blocks.shape[1] if target == GROUPED_NT else blocks.shape[2] * BLOCK
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], N), jnp.float32), vmap_method="sequential")
+    return call(x, blocks, scales, sizes_E)
+
+
+@jax.custom_vjp
+def _grouped(x_PI, blocks, scales, sizes_E):
+    return _grouped_call(GROUPED_NT, x_PI, blocks, scales, sizes_E)
+
+
+def _grouped_fwd(x_PI, blocks, scales, sizes_E):
+    return _grouped(x_PI, blocks, scales, sizes_E), (blocks, scales, sizes_E)
+
+
+def _grouped_bwd(res, dy_PO):
+    """``dx = dy @ W`` per row's expert, by the same kernel; nothing for the integer inputs."""
+    blocks, scales, sizes_E = res
+    return _grouped_call(GROUPED_NN, dy_PO, blocks, scales, sizes_E), None, None, None
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
 def bf16_matmul(x_RI: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
     """``x @ w`` (``w [I, O]``), or ``x @ w.T`` when ``transposed`` (``w [O, I]``) -> ``[R, O]`` float32, by the
     native bf16 kernel (``bf16_cpu.cc``): ``w`` bfloat16 read in place, ``x`` computed in float32.
@@ -260,7 +309,8 @@ def _register(lib: Path) -> None:
     try:
         so = ctypes.CDLL(str(lib))
         for name, symbol in ((TARGET, so.OssJaxMxfp4Matmul), (PORTABLE_TARGET, so.OssJaxMxfp4MatmulArith),
-                             (BF16_NN, so.OssJaxBf16MatmulNN), (BF16_NT, so.OssJaxBf16MatmulNT)):
+                             (BF16_NN, so.OssJaxBf16MatmulNN), (BF16_NT, so.OssJaxBf16MatmulNT),
+                             (GROUPED_NT, so.OssJaxMxfp4GroupedNT), (GROUPED_NN, so.OssJaxMxfp4GroupedNN)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
         _lanes[0] = int(so.OssJaxSimdLanes())
     except (OSError, AttributeError) as err:

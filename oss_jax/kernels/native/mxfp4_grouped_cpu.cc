@@ -1,0 +1,180 @@
+// A grouped matrix product with gpt-oss's packed MXFP4 experts, for many rows at once (a prefill): an XLA FFI
+// custom call.
+//
+//   rows sorted by expert, sizes[e] rows of expert e, one after another (rows past the last group: 0):
+//   NT:  y[p, :] = x[p, :] @ decode(blocks[e], scales[e]).T     x [P, I] -> y [P, O]   (the forward product)
+//   NN:  y[p, :] = x[p, :] @ decode(blocks[e], scales[e])       x [P, O] -> y [P, I]   (its gradient for x)
+//
+// blocks [E, O, I/32, 16] and scales [E, O, I/32] as in oss_jax/mxfp4.py (mxfp4_cpu.cc's header says how).
+//
+// Why a kernel: with a few rows (a decode step) the product streams the packed weights once (mxfp4_cpu.cc);
+// with many, it is arithmetic-bound, and XLA's matrix product is fast but needs a whole float32 copy of
+// the expert for every fixed-size tile of rows (kernels/experts.py's "sorted" loop): the copy costs, the
+// tiles are padded, and each tile is a separate call. Here each expert's weights are decoded once per call,
+// 256 x 16 at a time into a small "panel" that stays in the L1 cache, and every row of that expert then
+// meets the panel: the classic blocked matrix product (as in BLAS libraries), with the decode folded in.
+//
+// 1. Panel: 16 columns of W (16 output rows of the expert for NT, 16 inputs for NN) by 256 steps of the
+//    sum, decoded exactly as mxfp4.decode does: per block of 32, a 16-entry table of code values times
+//    the block's scale, then one look-up per weight. 16 floats are one to four SIMD registers.
+// 2. Micro-tile: 6 rows of x by the panel's 16 columns, 6 x 16 sums in registers (12 with AVX2); per step
+//    of the sum, the panel's 16 weights are loaded once and each of the 6 inputs is broadcast and
+//    multiplied into them (fused multiply-adds). The next 256 steps add to the same outputs.
+// 3. Threads take (expert, panel) pairs in turn: outputs are disjoint, and each output's sum runs in the
+//    same order whichever thread computes it.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "xla/ffi/api/ffi.h"
+
+// x * w + acc as one fused multiply-add: C++ compilers otherwise keep the two roundings in ISO mode.
+#if defined(__clang__)
+#pragma clang fp contract(fast)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
+namespace ffi = xla::ffi;
+using oss_jax::fvec, oss_jax::kLanes, oss_jax::load;
+
+namespace {
+
+constexpr int64_t kBlock = 32;    // weights per scale byte
+constexpr int64_t kBytes = 16;    // bytes of codes per block
+constexpr int kPanel = 16;        // columns of y per panel
+constexpr int kVecs = kPanel / kLanes;
+constexpr int64_t kDepth = 256;   // steps of the sum per panel: 256 x 16 floats = 16 KB
+constexpr int kRows = 6;          // rows of x per micro-tile
+
+constexpr float kFp4[16] = {+0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                            -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+// The 16 values a block's codes stand for: E2M1 value x 2^(s - 127), as mxfp4.decode computes them. Scale
+// byte 255 gives infinities (NaN for the zero codes), as there. Scale bytes 0 and 1 make some weights smaller
+// than float32's smallest normal number: XLA's decode flushes those to zero, and so does this.
+inline void block_values(uint8_t s, float* value) {
+  const uint32_t bits = uint32_t(s) << 23;
+  float scale = 0x1p-126f;
+  if (s != 0) std::memcpy(&scale, &bits, sizeof scale);
+  for (int c = 0; c < 16; ++c) {
+    value[c] = kFp4[c] * scale;
+    if (s == 0) value[c] *= 0.5f;
+    if (s < 2 && std::fabs(value[c]) < 0x1p-126f) value[c] = std::copysign(0.0f, value[c]);
+  }
+}
+
+// NT panel: B[k][j] = W[o0 + j, k0 + k] for k < depth (a multiple of 32) and j < cols; other columns 0.
+void panel_nt(const uint8_t* q, const uint8_t* s, int64_t nb, int64_t o0, int cols, int64_t k0, int64_t depth,
+              float* B) {
+  std::fill(B, B + depth * kPanel, 0.0f);
+  float value[16];
+  for (int j = 0; j < cols; ++j) {
+    for (int64_t b = k0 / kBlock; b < (k0 + depth) / kBlock; ++b) {
+      block_values(s[(o0 + j) * nb + b], value);
+      const uint8_t* codes = q + ((o0 + j) * nb + b) * kBytes;
+      float* at = B + (b * kBlock - k0) * kPanel + j;
+      for (int t = 0; t < kBytes; ++t) {  // byte t: inputs 2t (low nibble) and 2t + 1 (high)
+        at[(2 * t) * kPanel] = value[codes[t] & 15];
+        at[(2 * t + 1) * kPanel] = value[codes[t] >> 4];
+      }
+    }
+  }
+}
+
+// NN panel: B[k][j] = W[k0 + k, i0 + j] for k < depth and j < 16 (i0 a multiple of 16: half a block).
+void panel_nn(const uint8_t* q, const uint8_t* s, int64_t nb, int64_t i0, int64_t k0, int64_t depth, float* B) {
+  const int64_t b = i0 / kBlock, half = (i0 % kBlock) / kPanel;
+  float value[16];
+  for (int64_t k = 0; k < depth; ++k) {
+    block_values(s[(k0 + k) * nb + b], value);
+    const uint8_t* codes = q + ((k0 + k) * nb + b) * kBytes + half * 8;
+    for (int t = 0; t < 8; ++t) {
+      B[k * kPanel + 2 * t] = value[codes[t] & 15];
+      B[k * kPanel + 2 * t + 1] = value[codes[t] >> 4];
+    }
+  }
+}
+
+// c[m, j] (+)= sum_k a[m, k] B[k][j] for M rows (2.): a's rows lda apart, c's ldc apart, j < cols.
+template <int M>
+void micro(const float* a, int64_t lda, const float* B, int64_t depth, float* c, int64_t ldc, int cols, bool add) {
+  fvec acc[M][kVecs] = {};
+  for (int64_t k = 0; k < depth; ++k) {
+    fvec w[kVecs];
+    for (int v = 0; v < kVecs; ++v) w[v] = load(B + k * kPanel + v * kLanes);
+    for (int m = 0; m < M; ++m) {
+      const float am = a[m * lda + k];
+      for (int v = 0; v < kVecs; ++v) acc[m][v] += am * w[v];
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    float out[kPanel];
+    for (int v = 0; v < kVecs; ++v) oss_jax::store(out + v * kLanes, acc[m][v]);
+    for (int j = 0; j < cols; ++j) c[m * ldc + j] = (add ? c[m * ldc + j] : 0.0f) + out[j];
+  }
+}
+
+template <bool kNT>
+ffi::Error Grouped(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::U8, 4> blocks, ffi::Buffer<ffi::U8, 3> scales,
+                   ffi::Buffer<ffi::S32, 1> sizes, ffi::ResultBuffer<ffi::F32, 2> y, ffi::ThreadPool pool) {
+  const auto xd = x.dimensions(), bd = blocks.dimensions(), sd = scales.dimensions();
+  const int64_t P = xd[0], K = xd[1], E = bd[0], O = bd[1], nb = bd[2], I = nb * kBlock;
+  if (bd[3] != kBytes || sd[0] != E || sd[1] != O || sd[2] != nb || sizes.dimensions()[0] != E ||
+      K != (kNT ? I : O)) {
+    return ffi::Error::InvalidArgument("mxfp4_grouped_cpu: x [P, I or O], blocks [E, O, I/32, 16], scales "
+                                       "[E, O, I/32] and sizes [E] do not match");
+  }
+  const int64_t N = kNT ? O : I;  // columns of y
+  std::vector<int64_t> start(E + 1, 0);  // expert e's rows: [start[e], start[e + 1])
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = std::min(P, start[e] + std::max<int64_t>(0, sizes.typed_data()[e]));
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  std::fill(yp + start[E] * N, yp + P * N, 0.0f);  // rows in no group
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  using Micro = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool);
+  static constexpr Micro kMicro[kRows + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>};
+  const int64_t work = std::max<int64_t>(1, start[E] / E) * K * kPanel;  // multiply-adds per (expert, panel)
+  oss_jax::parallel_chunks(pool, E * panels, 1, work, [&](int64_t w0, int64_t w1) {
+    std::vector<float> B(kDepth * kPanel);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t e = w / panels, n0 = (w % panels) * kPanel;
+      const int64_t r0 = start[e], r1 = start[e + 1];
+      if (r0 == r1) continue;  // an expert without rows is not read
+      const int cols = int(std::min<int64_t>(kPanel, N - n0));
+      const uint8_t* q = blocks.typed_data() + e * O * nb * kBytes;
+      const uint8_t* s = scales.typed_data() + e * O * nb;
+      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+        const int64_t depth = std::min(kDepth, K - k0);
+        if constexpr (kNT) {
+          panel_nt(q, s, nb, n0, cols, k0, depth, B.data());
+        } else {
+          panel_nn(q, s, nb, n0, k0, depth, B.data());
+        }
+        for (int64_t r = r0; r < r1; r += kRows) {
+          const int M = int(std::min<int64_t>(kRows, r1 - r));
+          kMicro[M](xp + r * K + k0, K, B.data(), depth, yp + r * N + n0, N, cols, k0 > 0);
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define OSS_JAX_GROUPED_BINDING                        \
+  ffi::Ffi::Bind()                                     \
+      .Arg<ffi::Buffer<ffi::F32, 2>>() /* x */         \
+      .Arg<ffi::Buffer<ffi::U8, 4>>()  /* blocks */    \
+      .Arg<ffi::Buffer<ffi::U8, 3>>()  /* scales */    \
+      .Arg<ffi::Buffer<ffi::S32, 1>>() /* sizes */     \
+      .Ret<ffi::Buffer<ffi::F32, 2>>() /* y */         \
+      .Ctx<ffi::ThreadPool>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OssJaxMxfp4GroupedNT, Grouped<true>, OSS_JAX_GROUPED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OssJaxMxfp4GroupedNN, Grouped<false>, OSS_JAX_GROUPED_BINDING);
