@@ -5,7 +5,8 @@ each call on another of the 32 experts (so the weights come from memory, not cac
 step), through ``kernels.experts.expert_matmul`` as the model calls it: ``native=False`` (XLA decodes
 the expert, float32 or bfloat16) and ``native=True`` (``oss_jax.kernels.native``). Then a whole
 layer's experts at batch 1: ``Experts`` mixing one token's top-4 (gather dispatch: four gate_up +
-SwiGLU + down), float32 and bfloat16. Random codes, scale bytes 118..122; about 0.45 GB of memory.
+SwiGLU + down), float32 and bfloat16. Then a prefill's: T tokens' top-4 by ``"sorted"`` tiles against the
+native grouped kernel (``"ragged"``). Random codes, scale bytes 118..122; about 0.45 GB of memory.
 
     .venv/bin/python benchmarks/mxfp4_kernel.py             # about 1-2 min
     .venv/bin/python benchmarks/mxfp4_kernel.py --reps 5 --rows 1 8
@@ -53,8 +54,9 @@ def time_matmul(blocks, scales, xs, dtype, use: bool, reps: int) -> tuple[float,
     return timed(lambda x, e: fn(x, e, blocks, scales), xs, reps)
 
 
-def time_layer(ex, calls, use: bool, reps: int) -> tuple[float, float]:
-    """Median ms of the ``Experts`` module ``ex`` (jitted, ``native=use``) on ``calls``' (x, idx, gates)."""
+def time_layer(ex, calls, use: bool, reps: int, dispatch: str = "auto") -> tuple[float, float]:
+    """Median ms of the ``Experts`` module ``ex`` (jitted, ``native=use``, ``dispatch``) on ``calls``' (x, idx,
+    gates)."""
     import jax
     from flax import nnx
 
@@ -63,7 +65,7 @@ def time_layer(ex, calls, use: bool, reps: int) -> tuple[float, float]:
     @jax.jit
     def mix(state, x, idx, gates):
         m = nnx.merge(graphdef, state)
-        m.native = use
+        m.native, m.dispatch = use, dispatch
         return m(x, idx, gates)
 
     return timed(lambda x, idx, gates: mix(state, x, idx, gates), calls, reps)
@@ -76,6 +78,8 @@ def kernel_args(doc: str, rows: list[int], out: str) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=15, help="calls per measurement (median)")
     p.add_argument("--rows", type=int, nargs="+", default=rows, help="rows R of x")
     p.add_argument("--out", default=out)
+    p.add_argument("--tokens", type=int, nargs="+", default=[64, 512],
+                   help="tokens of the prefill table (mxfp4_kernel.py)")
     args = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from oss_jax.kernels import native
@@ -123,7 +127,8 @@ def main() -> None:
     layer = ["| experts of one layer, 1 token (4 x gate_up + down) | XLA, ms | native, ms | native GB/s | "
              "speed-up |", "|---|---|---|---|---|"]
     layer_gb = 4 * sum(b.shape[1] * b.shape[2] * 17 for b, _ in weights.values()) / 1e9
-    for dtype in (jnp.float32, jnp.bfloat16):
+
+    def experts(dtype):
         ex = Experts(cfg, packed=True, dtype=dtype)
         ex.gate_up_blocks.set_value(weights["gate_up"][0])
         ex.gate_up_scales.set_value(weights["gate_up"][1])
@@ -131,12 +136,30 @@ def main() -> None:
         ex.down_scales.set_value(weights["down"][1])
         ex.gate_up_bias_EF2.set_value(jnp.asarray(rng.normal(0, 0.1, (E, 2 * F)), dtype))
         ex.down_bias_ED.set_value(jnp.asarray(rng.normal(0, 0.1, (E, D)), dtype))
+        return ex
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        ex = experts(dtype)
         calls = [(jnp.asarray(rng.normal(0, 1, (1, D)), dtype), jnp.asarray(rng.choice(E, (1, 4), replace=False),
                   jnp.int32), jnp.full((1, 4), 0.25, jnp.float32)) for _ in range(8)]
         ms = {use: time_layer(ex, calls, use, args.reps) for use in (False, True)}
         layer.append(f"| {jnp.dtype(dtype).name} | {cell(ms[False])} | {cell(ms[True])} | "
                      f"{layer_gb / ms[True][0] * 1e3:.1f} | {ms[False][0] / ms[True][0]:.1f}x |")
         print(layer[-1], flush=True)
+
+    # A prefill: T tokens, 4T pairs, routed uniformly at random; bf16 activations as the model runs them.
+    prefill = ["| experts of one layer, T tokens (bfloat16) | sorted tiles, ms | native grouped, ms | "
+               "grouped GFLOP/s | speed-up |", "|---|---|---|---|---|"]
+    ex = experts(jnp.bfloat16)
+    flop = 2 * 4 * sum(b.shape[1] * b.shape[2] * 32 for b, _ in weights.values())  # per token
+    for T in args.tokens:
+        calls = [(jnp.asarray(rng.normal(0, 1, (T, D)), jnp.bfloat16),
+                  jnp.asarray(np.stack([rng.choice(E, 4, replace=False) for _ in range(T)]), jnp.int32),
+                  jnp.full((T, 4), 0.25, jnp.float32)) for _ in range(2)]
+        ms = {d: time_layer(ex, calls, "auto", max(3, args.reps // 5), d) for d in ("sorted", "ragged")}
+        prefill.append(f"| T = {T} ({4 * T} pairs) | {cell(ms['sorted'])} | {cell(ms['ragged'])} | "
+                       f"{T * flop / ms['ragged'][0] / 1e6:.0f} | {ms['sorted'][0] / ms['ragged'][0]:.1f}x |")
+        print(prefill[-1], flush=True)
 
     load = os.getloadavg()
     text = "\n".join([
@@ -151,7 +174,12 @@ def main() -> None:
         "packed bytes (codes and scales) read per second, and speed-ups, from the medians. The XLA columns are "
         "`expert_matmul(..., native=False)`, decoding to that dtype; native sums in float32 whatever the dtype.",
         "",
-        *rows, "", *layer, ""])
+        *rows, "", *layer, "",
+        "A prefill's experts: `Experts` with `dispatch=\"sorted\"` (tiles of one expert's rows: XLA decodes the "
+        "expert per tile and multiplies, or the one-row kernel for tiles of at most `native.max_rows()` rows) and "
+        "`dispatch=\"ragged\"` (`native.grouped_matmul`, what `\"auto\"` takes on the CPU from "
+        "`GROUPED_MIN_ROWS` pairs per expert). GFLOP/s: the products' multiply-adds x 2 per second.", "",
+        *prefill, ""])
     save(args.out, text)
 
 

@@ -12,11 +12,12 @@ here apply one expert at a time (``ffn(e, x_RD)``, given by ``Experts``) to the 
   read about once (prefill, large batches, training).
 * ``"ragged"``: the pairs sorted by expert, then each projection one grouped matmul over every
   expert at once (``jax.lax.ragged_dot``, through ``Experts.grouped``): one kernel instead of a loop
-  of small ones, for accelerators. Packed experts are decoded whole (every expert, transient) first.
+  of small ones, for accelerators. Packed experts are decoded whole (every expert, transient) first,
+  except on the CPU, where the native kernel multiplies by the packed bytes (``native.grouped_matmul``).
 * ``"scan"``: a loop over all E experts, each applied to every token and weighted by that token's
   gate (zero when not chosen): E/k times the useful work, one expert in memory at a time.
-* ``"auto"``: gather when X*k < E, else sorted on the CPU and ragged on a GPU or TPU
-  (:func:`choose`, the one place this is decided, says why).
+* ``"auto"``: gather when X*k < E, else ragged on a GPU or TPU, and on the CPU ragged with packed
+  experts on the native kernel, sorted otherwise (:func:`choose`, the one place this is decided, says why).
 
 Gather and sorted index one expert per loop step with ``dynamic_slice`` rather than gathering
 ``[X, k, D, 2F]`` copies of the weights: on XLA's CPU backend a plain 2-D matmul on one expert is
@@ -48,8 +49,9 @@ SORTED_TILE = 128
 # An expert's weight is read in slices of at most this many bytes (of float32 nibble planes when
 # packed): see expert_matmul.
 SLICE_BYTES = 4 << 20
-# Pairs per expert (on average) from which "auto" takes the native grouped kernel on the CPU (choose).
-GROUPED_MIN_ROWS = 8
+# Pairs per expert (on average) from which "auto" takes the native grouped kernel on the CPU (choose); measured
+# in benchmarks/results/mxfp4_kernel.md (one 20b layer: 1.2x faster than sorted at 2 per expert, 1.9x at 64).
+GROUPED_MIN_ROWS = 2
 MODES = ("auto", "gather", "sorted", "ragged", "scan", "dense")
 Ffn = Callable[[jax.Array, jax.Array], jax.Array]  # ffn(e, x [R, D]) -> [R, D] float32
 # grouped(x [P, D] sorted by expert, expert of each row e [P], rows per expert sizes [E]) -> [P, D] float32
@@ -105,8 +107,8 @@ def choose(mode: str, pairs: int, E: int, native_grouped: bool = False) -> str:
       on the native kernels (``native_grouped``) and at least ``GROUPED_MIN_ROWS`` rows per expert: ragged.
       ``native.grouped_matmul`` decodes each expert once per call, a panel at a time in the cache, where
       sorted decodes a whole float32 copy of the expert per tile and pads every tile: 2,048 pairs of
-      gpt-oss-20b (a 512-token prefill) take about half the time (``benchmarks/mxfp4_kernel.py``). With few
-      rows per expert the decode is most of the work, and sorted's tiles run the one-row kernel.
+      gpt-oss-20b (a 512-token prefill) take about half the time (``benchmarks/mxfp4_kernel.py``). With
+      fewer rows per expert the decode is most of the work, and sorted's tiles run the one-row kernel.
     """
     if mode != "auto":
         return mode

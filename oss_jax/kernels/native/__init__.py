@@ -41,7 +41,7 @@ from oss_jax.mxfp4 import BLOCK, checked
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "mxfp4_cpu.cc", HERE / "mxfp4_grouped_cpu.cc", HERE / "bf16_cpu.cc"]  # one library
-HEADERS = [HERE / "common.h"]
+HEADERS = [HERE / "common.h", HERE / "mxfp4_decode.h"]
 TARGET = "oss_jax_mxfp4_matmul"  # the fastest decoder the compiler offers (a register table look-up on GCC)
 PORTABLE_TARGET = "oss_jax_mxfp4_matmul_arith"  # the portable decoder, the same values (tests compare both)
 BF16_NN, BF16_NT = "oss_jax_bf16_matmul_nn", "oss_jax_bf16_matmul_nt"  # bf16_cpu.cc: x @ w, x @ w.T

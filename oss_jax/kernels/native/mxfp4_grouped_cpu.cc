@@ -30,7 +30,12 @@
 #include <vector>
 
 #include "common.h"
+#include "mxfp4_decode.h"
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // x * w + acc as one fused multiply-add: C++ compilers otherwise keep the two roundings in ISO mode.
 #if defined(__clang__)
@@ -41,18 +46,14 @@
 
 namespace ffi = xla::ffi;
 using oss_jax::fvec, oss_jax::kLanes, oss_jax::load;
+using namespace oss_jax::mxfp4;  // kBlock, kBytes, kFp4 and the decoders (mxfp4_decode.h)
 
 namespace {
 
-constexpr int64_t kBlock = 32;    // weights per scale byte
-constexpr int64_t kBytes = 16;    // bytes of codes per block
 constexpr int kPanel = 16;        // columns of y per panel
-constexpr int kVecs = kPanel / kLanes;
+constexpr int kPanelVecs = kPanel / kLanes;
 constexpr int64_t kDepth = 256;   // steps of the sum per panel: 256 x 16 floats = 16 KB
 constexpr int kRows = 6;          // rows of x per micro-tile
-
-constexpr float kFp4[16] = {+0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                            -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 // The 16 values a block's codes stand for: E2M1 value x 2^(s - 127), as mxfp4.decode computes them. Scale
 // byte 255 gives infinities (NaN for the zero codes), as there. Scale bytes 0 and 1 make some weights smaller
@@ -68,20 +69,51 @@ inline void block_values(uint8_t s, float* value) {
   }
 }
 
-// NT panel: B[k][j] = W[o0 + j, k0 + k] for k < depth (a multiple of 32) and j < cols; other columns 0.
+// NT panel: B[k][j] = W[o0 + j, k0 + k'] for k < depth (a multiple of 32) and j < cols, other columns 0, where
+// k' puts each block's even inputs first, then its odd ones (the nibbles' order, mxfp4_cpu.cc 5.: x's rows are
+// reordered alike). Each row's block is decoded by mxfp4_decode.h into registers of kLanes consecutive k;
+// the panel wants them across: with AVX2, 8 rows' registers are transposed (8 x 8) and stored whole.
 void panel_nt(const uint8_t* q, const uint8_t* s, int64_t nb, int64_t o0, int cols, int64_t k0, int64_t depth,
               float* B) {
-  std::fill(B, B + depth * kPanel, 0.0f);
-  float value[16];
-  for (int j = 0; j < cols; ++j) {
-    for (int64_t b = k0 / kBlock; b < (k0 + depth) / kBlock; ++b) {
-      block_values(s[(o0 + j) * nb + b], value);
-      const uint8_t* codes = q + ((o0 + j) * nb + b) * kBytes;
-      float* at = B + (b * kBlock - k0) * kPanel + j;
-      for (int t = 0; t < kBytes; ++t) {  // byte t: inputs 2t (low nibble) and 2t + 1 (high)
-        at[(2 * t) * kPanel] = value[codes[t] & 15];
-        at[(2 * t + 1) * kPanel] = value[codes[t] >> 4];
+  for (int64_t b = k0 / kBlock; b < (k0 + depth) / kBlock; ++b) {
+    float* at = B + (b * kBlock - k0) * kPanel;  // the block's 32 steps
+    for (int j0 = 0; j0 < kPanel; j0 += 8) {
+      fvec v[8][2 * kVecs] = {};  // row j0 + r: even inputs 0-15, odd inputs 0-15, kLanes at a time
+      for (int r = 0; r < 8 && j0 + r < cols; ++r) {
+        const int64_t block = (o0 + j0 + r) * nb + b;
+        for (int h = 0; h < kVecs; ++h) {
+          decode_lut(q + block * kBytes + h * kLanes, v[r][h], v[r][kVecs + h]);
+          apply_scale(s[block], v[r][h], v[r][kVecs + h]);
+        }
       }
+#if defined(__AVX2__) && !defined(__AVX512F__)  // kLanes = 8: four 8 x 8 transposes
+      for (int g = 0; g < 2 * kVecs; ++g) {
+        __m256 t[8], u[8];
+        for (int r = 0; r < 8; r += 2) {
+          t[r] = _mm256_unpacklo_ps(__m256(v[r][g]), __m256(v[r + 1][g]));
+          t[r + 1] = _mm256_unpackhi_ps(__m256(v[r][g]), __m256(v[r + 1][g]));
+        }
+        for (int r = 0; r < 8; r += 4) {
+          for (int i = 0; i < 2; ++i) {
+            u[r + i] = _mm256_shuffle_ps(t[r + i], t[r + 2 + i], _MM_SHUFFLE(1, 0, 1, 0));
+            u[r + 2 + i] = _mm256_shuffle_ps(t[r + i], t[r + 2 + i], _MM_SHUFFLE(3, 2, 3, 2));
+          }
+        }
+        // u[0]: k 0, 4 (rows 0-3 in each half); u[2]: k 1, 5; u[1]: k 2, 6; u[3]: k 3, 7; u[4..7] rows 4-7
+        const int order[4] = {0, 2, 1, 3};
+        for (int i = 0; i < 4; ++i) {
+          const __m256 lo = u[order[i]], hi = u[4 + order[i]];
+          _mm256_storeu_ps(at + (g * 8 + i) * kPanel + j0, _mm256_permute2f128_ps(lo, hi, 0x20));
+          _mm256_storeu_ps(at + (g * 8 + 4 + i) * kPanel + j0, _mm256_permute2f128_ps(lo, hi, 0x31));
+        }
+      }
+#else
+      for (int r = 0; r < 8; ++r) {
+        for (int h = 0; h < 2 * kVecs; ++h) {
+          for (int l = 0; l < kLanes; ++l) at[(h * kLanes + l) * kPanel + j0 + r] = v[r][h][l];
+        }
+      }
+#endif
     }
   }
 }
@@ -103,18 +135,18 @@ void panel_nn(const uint8_t* q, const uint8_t* s, int64_t nb, int64_t i0, int64_
 // c[m, j] (+)= sum_k a[m, k] B[k][j] for M rows (2.): a's rows lda apart, c's ldc apart, j < cols.
 template <int M>
 void micro(const float* a, int64_t lda, const float* B, int64_t depth, float* c, int64_t ldc, int cols, bool add) {
-  fvec acc[M][kVecs] = {};
+  fvec acc[M][kPanelVecs] = {};
   for (int64_t k = 0; k < depth; ++k) {
-    fvec w[kVecs];
-    for (int v = 0; v < kVecs; ++v) w[v] = load(B + k * kPanel + v * kLanes);
+    fvec w[kPanelVecs];
+    for (int v = 0; v < kPanelVecs; ++v) w[v] = load(B + k * kPanel + v * kLanes);
     for (int m = 0; m < M; ++m) {
       const float am = a[m * lda + k];
-      for (int v = 0; v < kVecs; ++v) acc[m][v] += am * w[v];
+      for (int v = 0; v < kPanelVecs; ++v) acc[m][v] += am * w[v];
     }
   }
   for (int m = 0; m < M; ++m) {
     float out[kPanel];
-    for (int v = 0; v < kVecs; ++v) oss_jax::store(out + v * kLanes, acc[m][v]);
+    for (int v = 0; v < kPanelVecs; ++v) oss_jax::store(out + v * kLanes, acc[m][v]);
     for (int j = 0; j < cols; ++j) c[m * ldc + j] = (add ? c[m * ldc + j] : 0.0f) + out[j];
   }
 }
@@ -135,6 +167,17 @@ ffi::Error Grouped(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::U8, 4> blocks, f
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   std::fill(yp + start[E] * N, yp + P * N, 0.0f);  // rows in no group
+  // NT: x's rows in the panel's order, per block the 16 even inputs then the 16 odd ones (panel_nt).
+  std::vector<float> xs(kNT ? start[E] * K : 0);
+  if constexpr (kNT) {
+    for (int64_t i = 0; i < start[E] * K; i += kBlock) {
+      for (int t = 0; t < kBlock / 2; ++t) {
+        xs[i + t] = xp[i + 2 * t];
+        xs[i + kBlock / 2 + t] = xp[i + 2 * t + 1];
+      }
+    }
+  }
+  const float* a = kNT ? xs.data() : xp;
   const int64_t panels = (N + kPanel - 1) / kPanel;
   using Micro = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool);
   static constexpr Micro kMicro[kRows + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>};
@@ -157,7 +200,7 @@ ffi::Error Grouped(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::U8, 4> blocks, f
         }
         for (int64_t r = r0; r < r1; r += kRows) {
           const int M = int(std::min<int64_t>(kRows, r1 - r));
-          kMicro[M](xp + r * K + k0, K, B.data(), depth, yp + r * N + n0, N, cols, k0 > 0);
+          kMicro[M](a + r * K + k0, K, B.data(), depth, yp + r * N + n0, N, cols, k0 > 0);
         }
       }
     }
