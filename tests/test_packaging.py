@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import oss_jax
+from oss_jax.kernels import native
 from oss_jax.load import ORBAX_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,8 @@ def test_wheel_installs_only_oss_jax(wheel):
     top = {n.split("/")[0] for n in names}
     assert top == {"oss_jax", *(d for d in top if re.fullmatch(r"oss_jax-[\w.]+\.dist-info", d))}, top
     assert "oss_jax/convert.py" in names and "oss_jax/kernels/__init__.py" in names
-    assert "oss_jax/kernels/native/mxfp4_cpu.cc" in names  # compiled on first use (oss_jax.kernels.native)
+    for path in native.SOURCES + native.HEADERS:  # compiled on first use (oss_jax.kernels.native): every file
+        assert f"oss_jax/kernels/native/{path.name}" in names, path.name
     src = ROOT / "oss_jax"
     modules = {f"oss_jax/{p.relative_to(src)}" for p in src.rglob("*.py") if "__pycache__" not in p.parts}
     data = {f"oss_jax/{p.relative_to(src)}" for d in ("tiny", "prompts") for p in (src / d).rglob("*") if p.is_file()}
