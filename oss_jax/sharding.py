@@ -431,7 +431,8 @@ def plan(cfg: Config | str, mesh: Mesh | MeshShape | int = 1, context: int = 819
       chunk: prefill chunk (``generate``'s ``prefill_chunk``).
       device: ``"gpu"`` (or ``"tpu"``): a prefill runs each expert projection as one grouped matmul over
         all the layer's experts (``kernels.experts.choose``: ``"ragged"``), so a packed layer's experts
-        are held decoded while it runs; ``"cpu"``: one expert at a time (``"sorted"``).
+        are held decoded while it runs; ``"cpu"``: packed experts multiplied in place by the native grouped
+        kernel (``kernels.native.grouped_matmul``), dense ones one expert at a time (``"sorted"``).
     """
     name = cfg if isinstance(cfg, str) else "gpt-oss"
     if isinstance(cfg, str):
@@ -481,8 +482,10 @@ def plan(cfg: Config | str, mesh: Mesh | MeshShape | int = 1, context: int = 819
     else:  # tiles of 128 x 128, the float32 accumulator, and the re-tiled keys and values
         attn = 3 * B * N * 128 * 128 * f4 + B * N * C * H * f4 + 2 * B * S * K * H * it
     tokens = B * C
-    if device == "cpu":
-        decoded = 3 * D * F * (it + (2 * f4 if packed else 0))  # one expert's weights (+ decode temporaries)
+    if device == "cpu" and packed:  # the native grouped kernel: nothing decoded, float32 rows per pair
+        decoded = tokens * cfg.experts_per_token * (2 * D + 3 * F) * f4  # x reordered, gate_up, swiglu, down
+    elif device == "cpu":
+        decoded = 3 * D * F * it  # "sorted": one expert's weights
     else:  # "ragged": the layer's experts decoded at once (packed) for its grouped matmuls
         decoded = E * 3 * D * F * it if packed else 0
     moe = tokens * (2 * F * it + F * it + D * it + 2 * D * f4 + E * f4) + decoded

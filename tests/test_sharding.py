@@ -357,10 +357,11 @@ def test_plan_numbers():
     assert ex2 * 2 == ex1
     assert plan("gpt-oss-20b", 1, context=8192, device="cpu").fits(16)
     assert plan("gpt-oss-20b", 1, context=8192).total < 15 * GiB  # on a GPU: 14.6 GiB, tight on a 16 GiB card
-    # a GPU prefill holds one layer's 32 experts decoded in bf16 (ragged), the CPU one expert and its temporaries
+    # a GPU prefill holds one layer's 32 experts decoded in bf16 (ragged); the CPU's grouped kernel decodes nothing
+    # but keeps float32 rows per token-expert pair (x reordered, gate_up, swiglu, down)
     gpu, cpu = plan("gpt-oss-20b", 1, device="gpu"), plan("gpt-oss-20b", 1, device="cpu")
     D = F = 2880
-    assert gpu.activations - cpu.activations == 32 * 3 * D * F * 2 - 3 * D * F * (2 + 8)
+    assert gpu.activations - cpu.activations == 32 * 3 * D * F * 2 - cpu.chunk * 4 * (2 * D + 3 * F) * 4
     assert gpu.weights == cpu.weights and gpu.kv_cache == cpu.kv_cache
     with pytest.raises(ValueError, match="device must be 'gpu', 'tpu' or 'cpu', got 'npu'"):
         plan("gpt-oss-20b", device="npu")
