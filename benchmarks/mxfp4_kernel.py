@@ -78,7 +78,7 @@ def kernel_args(doc: str, rows: list[int], out: str) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=15, help="calls per measurement (median)")
     p.add_argument("--rows", type=int, nargs="+", default=rows, help="rows R of x")
     p.add_argument("--out", default=out)
-    p.add_argument("--tokens", type=int, nargs="+", default=[64, 512],
+    p.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 512],
                    help="tokens of the prefill table (mxfp4_kernel.py)")
     args = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

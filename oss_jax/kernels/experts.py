@@ -50,7 +50,7 @@ SORTED_TILE = 128
 # packed): see expert_matmul.
 SLICE_BYTES = 4 << 20
 # Pairs per expert (on average) from which "auto" takes the native grouped kernel on the CPU (choose); measured
-# in benchmarks/results/mxfp4_kernel.md (one 20b layer: 1.2x faster than sorted at 2 per expert, 1.9x at 64).
+# in benchmarks/results/mxfp4_kernel.md (one 20b layer: 1.2-1.4x faster than sorted at 2 per expert, 1.5-1.9x at 64).
 GROUPED_MIN_ROWS = 2
 MODES = ("auto", "gather", "sorted", "ragged", "scan", "dense")
 Ffn = Callable[[jax.Array, jax.Array], jax.Array]  # ffn(e, x [R, D]) -> [R, D] float32
@@ -107,7 +107,7 @@ def choose(mode: str, pairs: int, E: int, native_grouped: bool = False) -> str:
       on the native kernels (``native_grouped``) and at least ``GROUPED_MIN_ROWS`` rows per expert: ragged.
       ``native.grouped_matmul`` decodes each expert once per call, a panel at a time in the cache, where
       sorted decodes a whole float32 copy of the expert per tile and pads every tile: 2,048 pairs of
-      gpt-oss-20b (a 512-token prefill) take about half the time (``benchmarks/mxfp4_kernel.py``). With
+      gpt-oss-20b (a 512-token prefill) take 0.5-0.65 of the time (``benchmarks/mxfp4_kernel.py``). With
       fewer rows per expert the decode is most of the work, and sorted's tiles run the one-row kernel.
     """
     if mode != "auto":

@@ -4,9 +4,12 @@
 an XLA FFI custom call computing ``x @ decode(blocks[e], scales[e]).T`` for expert ``e`` straight from
 the packed bytes, without copying the expert or expanding it in memory: at batch 1 about 10x XLA's
 decode + matmul on the CPU (``benchmarks/results/mxfp4_kernel.md``), 12 G weights/s per core on AVX-512.
+``mxfp4_grouped_cpu.cc`` is the same product for many rows at once, sorted by expert (a prefill's
+token-expert pairs: :func:`grouped_matmul`, the CPU's ``"ragged"`` dispatch in ``kernels.experts``): each
+expert decoded once per call a cache-sized panel at a time, and a blocked matrix product over its rows.
 ``bf16_cpu.cc`` multiplies by a bf16 weight read in place (``x @ w`` and ``x @ w.T``): the attention
 projections and the unembedding of a decode step (``kernels.linear``), which XLA's CPU backend would first
-copy to float32. Both are compiled into one library; ``common.h`` holds what they share.
+copy to float32. All are compiled into one library; ``common.h`` and ``mxfp4_decode.h`` hold what they share.
 
 :func:`available` builds it once with the system C++ compiler (``$CXX``, else ``c++``, ``g++`` or
 ``clang++``; ``-O3 -march=native``) into ``$OSS_JAX_CACHE/native`` (``~/.cache/oss-jax/native``), named by a
