@@ -190,12 +190,17 @@ def gradients(ex: Experts, mode: str, x: np.ndarray, idx: np.ndarray, gates: np.
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(params, jnp.asarray(x), jnp.asarray(gates))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("X", [1, 9])  # 3 pairs of 7 experts (most groups empty); 9 tokens, 27 pairs
-def test_ragged_equals_sorted_with_gradients(packed, X):
-    """Ragged (each projection one ``ragged_dot``, the adapters' too) against the float64 per-token loop;
+def test_ragged_equals_sorted_with_gradients(packed, X, backend, monkeypatch):
+    """Ragged (each projection one grouped matmul, the adapters' too) against the float64 per-token loop;
     with LoRA adapters, its outputs and gradients (tokens, gates, every parameter: biases, dense weights,
-    adapters A and B) against sorted's."""
+    adapters A and B) against sorted's. ``"cpu"``: packed experts on the native grouped kernel where it builds,
+    the adapters as one-hot products; ``"gpu"`` (what the code chooses there, run on the CPU): ``ragged_dot``
+    throughout, packed experts decoded first."""
+    if backend == "gpu":
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     x = np.random.default_rng(X).normal(0, 3.0, (X, CFG.hidden_size)).astype(np.float32)
     idx, gates = routings(X)["skewed"]
     out = mixer(packed, "ragged")(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(gates))
