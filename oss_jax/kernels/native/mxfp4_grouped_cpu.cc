@@ -15,8 +15,9 @@
 // meets the panel: the classic blocked matrix product (as in BLAS libraries), with the decode folded in.
 //
 // 1. Panel: 16 columns of W (16 output rows of the expert for NT, 16 inputs for NN) by 256 steps of the
-//    sum, decoded exactly as mxfp4.decode does: per block of 32, a 16-entry table of code values times
-//    the block's scale, then one look-up per weight. 16 floats are one to four SIMD registers.
+//    sum, decoded exactly as mxfp4.decode does by mxfp4_cpu.cc's decoders (mxfp4_decode.h), into registers
+//    of consecutive inputs; NT's panel wants them across, so they are transposed on the way (8 x 8 with
+//    AVX2), and x's rows are put in the nibbles' order once per call. 16 floats are one to four registers.
 // 2. Micro-tile: 6 rows of x by the panel's 16 columns, 6 x 16 sums in registers (12 with AVX2); per step
 //    of the sum, the panel's 16 weights are loaded once and each of the 6 inputs is broadcast and
 //    multiplied into them (fused multiply-adds). The next 256 steps add to the same outputs.
@@ -24,7 +25,6 @@
 //    same order whichever thread computes it.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -46,7 +46,7 @@
 
 namespace ffi = xla::ffi;
 using oss_jax::fvec, oss_jax::kLanes, oss_jax::load;
-using namespace oss_jax::mxfp4;  // kBlock, kBytes, kFp4 and the decoders (mxfp4_decode.h)
+using namespace oss_jax::mxfp4;  // kBlock, kBytes, kVecs and the decoders (mxfp4_decode.h)
 
 namespace {
 
@@ -54,20 +54,6 @@ constexpr int kPanel = 16;        // columns of y per panel
 constexpr int kPanelVecs = kPanel / kLanes;
 constexpr int64_t kDepth = 256;   // steps of the sum per panel: 256 x 16 floats = 16 KB
 constexpr int kRows = 6;          // rows of x per micro-tile
-
-// The 16 values a block's codes stand for: E2M1 value x 2^(s - 127), as mxfp4.decode computes them. Scale
-// byte 255 gives infinities (NaN for the zero codes), as there. Scale bytes 0 and 1 make some weights smaller
-// than float32's smallest normal number: XLA's decode flushes those to zero, and so does this.
-inline void block_values(uint8_t s, float* value) {
-  const uint32_t bits = uint32_t(s) << 23;
-  float scale = 0x1p-126f;
-  if (s != 0) std::memcpy(&scale, &bits, sizeof scale);
-  for (int c = 0; c < 16; ++c) {
-    value[c] = kFp4[c] * scale;
-    if (s == 0) value[c] *= 0.5f;
-    if (s < 2 && std::fabs(value[c]) < 0x1p-126f) value[c] = std::copysign(0.0f, value[c]);
-  }
-}
 
 // NT panel: B[k][j] = W[o0 + j, k0 + k'] for k < depth (a multiple of 32) and j < cols, other columns 0, where
 // k' puts each block's even inputs first, then its odd ones (the nibbles' order, mxfp4_cpu.cc 5.: x's rows are
@@ -121,13 +107,19 @@ void panel_nt(const uint8_t* q, const uint8_t* s, int64_t nb, int64_t o0, int co
 // NN panel: B[k][j] = W[k0 + k, i0 + j] for k < depth and j < 16 (i0 a multiple of 16: half a block).
 void panel_nn(const uint8_t* q, const uint8_t* s, int64_t nb, int64_t i0, int64_t k0, int64_t depth, float* B) {
   const int64_t b = i0 / kBlock, half = (i0 % kBlock) / kPanel;
-  float value[16];
+  float even[kBlock / 2], odd[kBlock / 2];  // the block's inputs 2t and 2t + 1, decoded as panel_nt does
   for (int64_t k = 0; k < depth; ++k) {
-    block_values(s[(k0 + k) * nb + b], value);
-    const uint8_t* codes = q + ((k0 + k) * nb + b) * kBytes + half * 8;
-    for (int t = 0; t < 8; ++t) {
-      B[k * kPanel + 2 * t] = value[codes[t] & 15];
-      B[k * kPanel + 2 * t + 1] = value[codes[t] >> 4];
+    const int64_t block = (k0 + k) * nb + b;
+    for (int v = 0; v < kVecs; ++v) {
+      fvec e, o;
+      decode_lut(q + block * kBytes + v * kLanes, e, o);
+      apply_scale(s[block], e, o);
+      oss_jax::store(even + v * kLanes, e);
+      oss_jax::store(odd + v * kLanes, o);
+    }
+    for (int t = 0; t < 8; ++t) {  // inputs i0 + 2t and i0 + 2t + 1: byte 8 * half + t of the block
+      B[k * kPanel + 2 * t] = even[8 * half + t];
+      B[k * kPanel + 2 * t + 1] = odd[8 * half + t];
     }
   }
 }
