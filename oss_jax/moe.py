@@ -151,34 +151,30 @@ class Experts(nnx.Module):
         CPU (:meth:`native_grouped`) the native kernel multiplies by the packed bytes instead, in float32.
         """
         if self.native_grouped():
+            def product(x, w):  # float32 sums of the packed bytes, rounded to the dtype as ffn's products are
+                return native_cpu.grouped_matmul(x, *w, sizes_E).astype(jnp.result_type(x, self.dtype))
+
             w1 = self.gate_up_blocks[...], self.gate_up_scales[...]
             w2 = self.down_blocks[...], self.down_scales[...]
-            dt = jnp.result_type(x_PD, self.dtype)  # float32 sums, rounded to the dtype as ffn's products are
-            h = native_cpu.grouped_matmul(x_PD, *w1, sizes_E).astype(dt) + self.gate_up_bias_EF2[...][e_P]
-            if self.lora is not None:
-                h = h + self.lora.gate_up(x_PD, sizes=sizes_E)
-            s = swiglu(h, self.limit, self.alpha)
-            y = native_cpu.grouped_matmul(s, *w2, sizes_E).astype(jnp.result_type(s, self.dtype))
-            if self.lora is not None:
-                y = y + self.lora.down(s, sizes=sizes_E)
-            return (y + self.down_bias_ED[...][e_P]).astype(f32)
-        if self.packed:
-            decode = fast_mxfp4.decode
-            w1 = jnp.swapaxes(decode(self.gate_up_blocks[...], self.gate_up_scales[...], self.dtype), -1, -2)
-            w2 = jnp.swapaxes(decode(self.down_blocks[...], self.down_scales[...], self.dtype), -1, -2)
         else:
-            w1, w2 = self.gate_up_EDF2[...], self.down_EFD[...]
-        dt = jnp.result_type(x_PD, w1)
-        h = jax.lax.ragged_dot(x_PD.astype(dt), w1.astype(dt), sizes_E) + self.gate_up_bias_EF2[...][e_P]
+            def product(x, w):
+                dt = jnp.result_type(x, w)
+                return jax.lax.ragged_dot(x.astype(dt), w.astype(dt), sizes_E)
+
+            if self.packed:
+                decode = fast_mxfp4.decode
+                w1 = jnp.swapaxes(decode(self.gate_up_blocks[...], self.gate_up_scales[...], self.dtype), -1, -2)
+                w2 = jnp.swapaxes(decode(self.down_blocks[...], self.down_scales[...], self.dtype), -1, -2)
+            else:
+                w1, w2 = self.gate_up_EDF2[...], self.down_EFD[...]
+        h = product(x_PD, w1) + self.gate_up_bias_EF2[...][e_P]
         if self.lora is not None:
             h = h + self.lora.gate_up(x_PD, sizes=sizes_E)
         s = swiglu(h, self.limit, self.alpha)
-        dt = jnp.result_type(s, w2)
-        y = jax.lax.ragged_dot(s.astype(dt), w2.astype(dt), sizes_E)
+        y = product(s, w2)
         if self.lora is not None:
             y = y + self.lora.down(s, sizes=sizes_E)
         return (y + self.down_bias_ED[...][e_P]).astype(f32)
-
 
 class MoE(nnx.Module):
     """Router + experts. Top-k of the router logits first, then a softmax over those k only."""
