@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=train.TrainConfig.steps)
     parser.add_argument("--style", default="v1", choices=data.STYLES)
     parser.add_argument("--family-mix", type=floats, default=train.TrainConfig.family_mix)
+    parser.add_argument("--first-mix", type=floats, default=(), help="the first stage's family mix")
+    parser.add_argument("--first-steps", type=int, default=0, help="steps of the first stage")
     parser.add_argument("--effort-mix", type=floats, default=train.TrainConfig.effort_mix)
     parser.add_argument("--seq-lens", type=ints, default=train.TrainConfig.seq_lens)
     parser.add_argument("--lr", type=float, default=train.TrainConfig.lr)
@@ -75,12 +77,13 @@ def main() -> None:
     args = parser.parse_args()
 
     tc = train.TrainConfig(steps=args.steps, style=args.style, family_mix=args.family_mix,
+                           first_mix=args.first_mix, first_steps=args.first_steps,
                            effort_mix=args.effort_mix, seq_lens=args.seq_lens, lr=args.lr, seed=args.seed)
     t0 = time.perf_counter()
     model = train.train(args.out, tc, progress=sys.stderr.isatty())
     trained_s = time.perf_counter() - t0
     logged = train.read_metrics(Path(args.out) / "metrics.jsonl")
-    cells = evaluate.evaluate(model, per_cell=args.per_cell)
+    cells = evaluate.evaluate(model, per_cell=args.per_cell, style=args.style)
     errors = first_errors(model, args.style)
 
     lines = [f"# Tiny-model recipe pilot: {args.out}", "",

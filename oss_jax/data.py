@@ -107,7 +107,13 @@ def is_heldout(family: str, key: tuple) -> bool:
 # question that precede what it must copy ("The letters: f r o g", "appear in: dog no, ..."), so the first
 # copy is a match-and-copy of the question's own tokens (an induction head), and ``sort`` writes o200k's
 # number tokens (copying "42" is copying one token) instead of one token per digit.
-STYLES = ("v1", "echo")
+# "letters": the echo traces, and ``reverse`` asks for random distinct letters instead of one of ``WORDS``: a
+# model trained on 68 words learns each word's reversal by heart (100% on training words, 0% held out,
+# session 10's echo pilot), while a string it never saw has to be read letter by letter. Distinct letters, so
+# each letter of the question is followed by one letter only: copying them in order is a match-and-copy.
+STYLES = ("v1", "echo", "letters")
+ECHO_STYLES = ("echo", "letters")  # the styles that write the echo traces
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 # -- the five families: rng -> (key, question, {effort: analysis}, final) -----------------------------
@@ -131,7 +137,7 @@ def _sort(rng: np.random.Generator, style: str = "v1"):
     nums = [int(x) for x in rng.choice(100, n, replace=False)]
     order = sorted(nums)
     high = f"There are {n} numbers. The smallest is {order[0]}. " + " ".join(f"Then {x}." for x in order[1:])
-    if style == "echo":  # echo the list, then remove the smallest until none is left
+    if style in ECHO_STYLES:  # echo the list, then remove the smallest until none is left
         left, steps = list(nums), []
         while left:
             x = min(left)
@@ -144,11 +150,14 @@ def _sort(rng: np.random.Generator, style: str = "v1"):
 
 
 def _reverse(rng: np.random.Generator, style: str = "v1"):
-    word = WORDS[int(rng.integers(len(WORDS)))]
+    if style == "letters":
+        word = "".join(LETTERS[int(i)] for i in rng.choice(len(LETTERS), int(rng.integers(3, 8)), replace=False))
+    else:
+        word = WORDS[int(rng.integers(len(WORDS)))]
     letters = " ".join(word)
     back = " ".join(reversed(word))
     high = f"The letters are {letters}, {len(word)} of them. From the end: " + ", ".join(reversed(word)) + "."
-    if style == "echo":  # number the letters, then read them back by number (each number occurs once)
+    if style in ECHO_STYLES:  # number the letters, then read them back by number (each number occurs once)
         high = f"the letters: {letters}. Numbered: " + " ".join(f"{i} {c}" for i, c in enumerate(word, 1)) + \
                ". From the end: " + \
                " ".join(f"{i} {c}" for i, c in reversed(list(enumerate(word, 1)))) + "."
@@ -170,7 +179,7 @@ def _count(rng: np.random.Generator, style: str = "v1"):
         else:
             steps.append(f"{it} no")
     high = "Go through the list: " + ", ".join(steps) + f". Total {seen}."
-    if style == "echo":
+    if style in ECHO_STYLES:
         high = f"does {target} appear in: " + ", ".join(steps) + f". Total {seen}."
     medium = f"{target} appears {seen} times."
     q = f"How many times does {target} appear in: {' '.join(items)}?"
@@ -188,7 +197,7 @@ def _lookup(rng: np.random.Generator, style: str = "v1"):
     high = f"The question asks about {names[j]} and {items[j]}. {names[j]} has {counts[j]} {items[j]}. " \
            f"So the answer is {counts[j]}."
     medium = f"{names[j]} has {counts[j]}."
-    if style == "echo":
+    if style in ECHO_STYLES:
         high = f"How many {items[j]} does {names[j]} have? {names[j]} has {counts[j]} {items[j]}. " \
                f"So the answer is {counts[j]}."
     return (*names, *items, *counts, j), q, {"low": "", "medium": medium, "high": high}, str(counts[j])
@@ -260,7 +269,7 @@ def split_digits(ids: list[int]) -> list[int]:
 # The families in which the assistant writes one token per digit; elsewhere it writes o200k's own
 # tokens (copying "42" from the question is then copying one token). The bundled model: all (and the new ones).
 SPLIT_FAMILIES = ALL_FAMILIES
-SPLIT_BY_STYLE = {"v1": SPLIT_FAMILIES, "echo": tuple(f for f in ALL_FAMILIES if f != "sort")}
+SPLIT_BY_STYLE = {"v1": SPLIT_FAMILIES, **{s: tuple(f for f in ALL_FAMILIES if f != "sort") for s in ECHO_STYLES}}
 
 
 def assistant_tokens(text: str, family: str | None = None, style: str = "v1") -> list[int]:
@@ -311,7 +320,7 @@ def _vocabulary(style: str) -> tuple[int, ...]:
     for n in range(1000):
         ids.update(harmony.render(f"What is {n} + {n}?", "low"))
         ids.update(harmony.encode(f"Sort these numbers from smallest to largest: {n}, {n}."))
-    for w in (*WORDS, *ANIMALS, *NAMES, *ITEMS):
+    for w in (*WORDS, *ANIMALS, *NAMES, *ITEMS, *(LETTERS if style == "letters" else ())):
         for text in (w, f" {w}", f"{w}.", f" {w}.", f"{w}?", f" {w}?", " ".join(w)):
             ids.update(harmony.encode(text))
     for effort in EFFORTS:

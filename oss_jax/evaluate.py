@@ -41,7 +41,7 @@ class Cell:
 
 
 def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: Sequence[str] = data.FAMILIES,
-             efforts: Sequence[str] = data.EFFORTS, keep_examples: int = 3) -> list[Cell]:
+             efforts: Sequence[str] = data.EFFORTS, keep_examples: int = 3, style: str = "v1") -> list[Cell]:
     """Ask ``per_cell`` held-out questions of every family at every effort (greedy). ``families`` may name
     ``data.NEW_FAMILIES`` too (``("sub",)``: the fine-tuning experiment's family).
 
@@ -62,7 +62,7 @@ def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: S
     for family in families:
         for effort in efforts:
             rng = np.random.default_rng([seed, data.ALL_FAMILIES.index(family), data.EFFORTS.index(effort)])
-            exs = [data.make(family, effort, rng, heldout=True) for _ in range(per_cell)]
+            exs = [data.make(family, effort, rng, heldout=True, style=style) for _ in range(per_cell)]
             out = generate(model, [harmony.render(ex.question, effort) for ex in exs], max_new_tokens=MAX_NEW[effort],
                            temperature=0.0, stop_tokens=harmony.STOP_TOKENS)
             correct, lengths, kept = 0, [], []

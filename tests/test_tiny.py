@@ -110,6 +110,12 @@ def test_evaluate_asks_the_new_family():
         assert data.is_heldout("sub", (a, b)) and ex["expected"] == str(a - b)
     with pytest.raises(ValueError, match=r"^unknown family 'mul': use add, sort, reverse, count, lookup, sub$"):
         evaluate.evaluate(model, per_cell=1, families=("mul",))
+    # a model trained on another style's questions is asked that style's questions (reverse: random letters)
+    (cell,) = evaluate.evaluate(model, per_cell=3, families=("reverse",), efforts=("low",), keep_examples=3,
+                                style="letters")
+    for ex in cell.examples:
+        word = "".join(ex["question"].removeprefix("Reverse the letters: ").split())
+        assert word not in data.WORDS and data.is_heldout("reverse", (word,)) and ex["expected"] == " ".join(word[::-1])
 
 
 def test_effort_sets_the_analysis():
@@ -179,7 +185,7 @@ def test_echo_style_opens_with_the_question_and_round_trips():
     for i, family in enumerate(data.FAMILIES):
         for effort in data.EFFORTS:
             v1, echo = (data.make(family, effort, np.random.default_rng([i, 7]), heldout=True, style=s)
-                        for s in data.STYLES)
+                        for s in ("v1", "echo"))
             assert (v1.key, v1.question, v1.final) == (echo.key, echo.question, echo.final)
             if effort != "high" or family == "add":
                 assert echo.analysis == v1.analysis
@@ -197,6 +203,31 @@ def test_echo_style_opens_with_the_question_and_round_trips():
         data.make("add", "high", np.random.default_rng(0), style="v3")
     with pytest.raises(ValueError, match=r"TrainConfig\.style"):
         train.TrainConfig(style="v3")
+
+
+def test_letters_style_reverses_strings_that_cannot_be_learned_by_heart():
+    """The "letters" style: the echo traces, and reverse asks for random distinct letters (3 to 7) instead of
+    one of 76 words (68 of them in training: a model learns those by heart and reverses no held-out word). The
+    split is by the string, the vocabulary covers every letter, and the other families are the echo style's."""
+    letters_map = TokenMap(data.vocabulary("letters"))
+    seen = {False: set(), True: set()}
+    for heldout in (False, True):
+        for i in range(300):
+            ex = data.make("reverse", "high", np.random.default_rng([i, 5]), heldout=heldout, style="letters")
+            word = "".join(ex.question.removeprefix("Reverse the letters: ").split())
+            assert 3 <= len(word) <= 7 and len(set(word)) == len(word) and set(word) <= set(data.LETTERS)
+            assert ex.key == (word,) and ex.final == " ".join(reversed(word))
+            assert ex.analysis.startswith(f"the letters: {' '.join(word)}. Numbered: 1 {word[0]}")
+            assert data.is_heldout("reverse", ex.key) == heldout
+            seen[heldout].add(word)
+            prompt, completion = data.tokens(ex)
+            ids = prompt + completion
+            np.testing.assert_array_equal(letters_map.to_o200k(letters_map.to_model(ids, strict=True)), ids)
+    assert not seen[False] & seen[True] and min(map(len, seen.values())) > 250  # hardly a string twice
+    assert set(data.LETTERS) <= {w[0] for w in seen[False]}
+    for i, family in enumerate(f for f in data.FAMILIES if f != "reverse"):
+        echo, letters = (data.make(family, "high", np.random.default_rng([i, 8]), style=s) for s in ("echo", "letters"))
+        assert echo == dataclasses.replace(letters, style="echo")
 
 
 def test_token_map_round_trip(tmp_path, tmap):
@@ -391,3 +422,28 @@ def test_twins_train_on_the_same_recipe(tmp_path, monkeypatch):
         train.twin_config("moe")
     with pytest.raises(ValueError, match="family_mix"):
         train.TrainConfig(family_mix=(0.5, 0.5, 0.0, 0.0, 0.1))
+
+
+def test_a_first_stage_draws_its_own_families():
+    """``first_mix`` / ``first_steps``: a curriculum's first stage. Its batches come from its mix, the batches
+    after it from ``family_mix``; a stage without a mix, or a mix of the wrong length, is refused."""
+    tc = train.TrainConfig(first_mix=(0.0, 0.0, 1.0, 0.0, 0.0), first_steps=2, batch=6, style="letters")
+    assert tc.mix_at(1) == dict(zip(data.FAMILIES, (0.0, 0.0, 1.0, 0.0, 0.0), strict=True))
+    assert tc.mix_at(2) == tc.mix == train.TrainConfig().mix
+    tmap = TokenMap(data.vocabulary("letters"))
+
+    def questions(step: int) -> list[str]:
+        batch = train.make_batch(tmap, tc, step)
+        texts = [harmony.decode([int(t) for t in row if t > 0]) for row in tmap.to_o200k(batch["tokens"])]
+        return [t.split("<|start|>user<|message|>")[1].split("<|end|>")[0] for t in texts]
+
+    assert all(q.startswith("Reverse the letters: ") for step in (0, 1) for q in questions(step))
+    later = [q for step in range(2, 6) for q in questions(step)]
+    assert sum(q.startswith("What is") for q in later) > len(later) / 2  # mostly additions, as family_mix says
+    # a stage changes the stream only where it is: batch 2 onwards equals a run without it
+    plain = dataclasses.replace(tc, first_mix=(), first_steps=0)
+    np.testing.assert_array_equal(train.make_batch(tmap, tc, 3)["tokens"], train.make_batch(tmap, plain, 3)["tokens"])
+    with pytest.raises(ValueError, match=r"first_steps=5 needs a first_mix"):
+        train.TrainConfig(first_steps=5)
+    with pytest.raises(ValueError, match="first_mix"):
+        train.TrainConfig(first_mix=(0.5, 0.5), first_steps=5)
