@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--family-mix", type=floats, default=train.TrainConfig.family_mix)
     parser.add_argument("--first-mix", type=floats, default=(), help="the first stage's family mix")
     parser.add_argument("--first-steps", type=int, default=0, help="steps of the first stage")
+    parser.add_argument("--tied-init", action="store_true", help="the unembedding starts equal to the embedding")
     parser.add_argument("--effort-mix", type=floats, default=train.TrainConfig.effort_mix)
     parser.add_argument("--seq-lens", type=ints, default=train.TrainConfig.seq_lens)
     parser.add_argument("--lr", type=float, default=train.TrainConfig.lr)
@@ -78,6 +79,7 @@ def main() -> None:
 
     tc = train.TrainConfig(steps=args.steps, style=args.style, family_mix=args.family_mix,
                            first_mix=args.first_mix, first_steps=args.first_steps,
+                           tied_init=args.tied_init,
                            effort_mix=args.effort_mix, seq_lens=args.seq_lens, lr=args.lr, seed=args.seed)
     t0 = time.perf_counter()
     model = train.train(args.out, tc, progress=sys.stderr.isatty())

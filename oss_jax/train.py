@@ -103,6 +103,7 @@ class TrainConfig:
     # reverse alone (style "letters") copies every letter after 800 steps (benchmarks/results/tiny_recipe_pilots.md).
     first_mix: tuple[float, ...] = ()
     first_steps: int = 0
+    tied_init: bool = False  # the unembedding starts equal to the embedding (init_model)
     seed: int = 0
     digit_init: bool = True  # number tokens' embeddings start digit-structured (see init_model)
     dense: bool = False  # the dense twin: one FFN of width k * F instead of E experts (tiny_config)
@@ -168,7 +169,8 @@ def make_batch(tmap: TokenMap, tc: TrainConfig, step: int) -> dict[str, np.ndarr
 
 
 # -- model ----------------------------------------------------------------------------------------
-def init_model(cfg: Config, seed: int, tmap: TokenMap | None = None, *, sinks: bool = True) -> GptOss:
+def init_model(cfg: Config, seed: int, tmap: TokenMap | None = None, *, sinks: bool = True,
+               tied_init: bool = False) -> GptOss:
     """A float32 model with dense experts: weights N(0, 0.02) (output projections scaled by
     1/sqrt(2L), as GPT-2), biases and sinks 0, norm scales 1. Filled from numpy (fast, and the same
     on every machine).
@@ -177,6 +179,11 @@ def init_model(cfg: Config, seed: int, tmap: TokenMap | None = None, *, sinks: b
     random vector per (digit place, digit): ``e[347] = h[3] + t[4] + o[7]``, so a token's digits
     can be read linearly from step 0. o200k writes 0..999 as single tokens; learning a thousand
     separate decompositions from a dozen examples each is what a 30-minute run cannot do.
+
+    ``tied_init``: the unembedding starts equal to the embedding (they stay separate parameters, as in
+    gpt-oss). Copying a token from the context then needs an attention head that carries the token's
+    direction along, the same map for every token, where separate random matrices need a copy learned
+    for each token the model must copy.
     """
     model = nnx.eval_shape(lambda: GptOss(cfg, packed=False, dtype=f32))
     rng = np.random.default_rng(seed)
@@ -200,6 +207,8 @@ def init_model(cfg: Config, seed: int, tmap: TokenMap | None = None, *, sinks: b
                 if text.isdigit() and len(text) <= 3:
                     value[m] = sum(digits_PdD[p, int(c)] for p, c in enumerate(reversed(text)))
         var.set_value(jnp.asarray(value))
+    if tied_init:
+        model.unembed_VD.set_value(jnp.array(model.embed_VD.get_value()))  # a copy: a buffer of its own
     return model
 
 
@@ -303,7 +312,7 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
     saved.write_text(json.dumps(_jsonable(tc), indent=1))
     tmap = TokenMap(data.vocabulary(tc.style))
     cfg = tiny_config(len(tmap), dense=tc.dense)
-    model = init_model(cfg, tc.seed, tmap if tc.digit_init else None, sinks=tc.sinks)
+    model = init_model(cfg, tc.seed, tmap if tc.digit_init else None, sinks=tc.sinks, tied_init=tc.tied_init)
     graphdef, params = _for_training(model)
     opt = optimizer(tc)
     opt_state = opt.init(params)

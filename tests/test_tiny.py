@@ -447,3 +447,17 @@ def test_a_first_stage_draws_its_own_families():
         train.TrainConfig(first_steps=5)
     with pytest.raises(ValueError, match="first_mix"):
         train.TrainConfig(first_mix=(0.5, 0.5), first_steps=5)
+
+
+def test_tied_init_starts_the_unembedding_at_the_embedding(tmp_path):
+    """``tied_init``: equal at step 0, separate parameters that training moves apart (each its own buffer: the
+    step donates them)."""
+    tc = train.TrainConfig(steps=2, batch=2, seq_lens=(112, 128, 176), tied_init=True, checkpoint_every=2,
+                           snapshot_steps=())
+    cfg = train.tiny_config(300)
+    tied, plain = train.init_model(cfg, 1, tied_init=True), train.init_model(cfg, 1)
+    np.testing.assert_array_equal(tied.unembed_VD[...], tied.embed_VD[...])
+    np.testing.assert_array_equal(tied.embed_VD[...], plain.embed_VD[...])
+    assert not np.array_equal(plain.unembed_VD[...], plain.embed_VD[...])
+    trained = train.train(tmp_path / "run", tc, progress=False)
+    assert not np.array_equal(trained.unembed_VD[...], trained.embed_VD[...])
