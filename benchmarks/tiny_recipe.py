@@ -1,7 +1,8 @@
 """One pilot of a tiny-model training recipe (issue 16): train from scratch, then held-out accuracy per family.
 
-    .venv/bin/python benchmarks/tiny_recipe.py --out runs/pilot-echo --style echo \
-        --family-mix 0.3,0.2,0.2,0.15,0.15 --effort-mix 0.1,0.1,0.8 --seq-lens 96,116,184 --steps 3600
+    .venv/bin/python benchmarks/tiny_recipe.py --out runs/pilot-b --style letters --first-mix 0,0,1,0,0 \
+        --first-steps 800 --family-mix 0.35,0.2,0.1,0.15,0.2 --effort-mix 0.1,0.1,0.8 --seq-lens 96,116,184 \
+        --steps 4800 --per-cell 30      # session 13's best pilot (results: tiny_recipe_pilots.md)
     .venv/bin/python benchmarks/tiny_recipe.py --out runs/smoke --steps 4 --per-cell 1 --name smoke.md   # smoke
 
 Every setting is a field of ``oss_jax.train.TrainConfig`` (the rest keep the shipped recipe's defaults), saved
