@@ -305,7 +305,7 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
         raise ValueError(f"{out}: expected a run directory, got a file")
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "train_config.json"
-    if saved.exists() and _read_json(saved) != _jsonable(tc):
+    if saved.exists() and _with_added_fields(_read_json(saved)) != _jsonable(tc):
         raise ValueError(f"{out} holds a run with a different configuration ({saved}); use a new --out")
     metrics_path = out / "metrics.jsonl"
     logged = read_metrics(metrics_path)  # a corrupt log is refused before any work
@@ -432,6 +432,15 @@ def ship(run_dir: str | Path, dst: str | Path | None = None) -> Path:
             if (run_dir / item).exists():
                 shutil.copy2(run_dir / item, tmp / item)
     return dst
+
+
+# Fields added to TrainConfig after runs were saved without them, with the values that reproduce those runs.
+ADDED_FIELDS = {"style": "v1", "first_mix": [], "first_steps": 0, "tied_init": False}
+
+
+def _with_added_fields(saved: object) -> object:
+    """A saved configuration as today's ``_jsonable`` writes it: the fields added since, at their old values."""
+    return {**ADDED_FIELDS, **saved} if isinstance(saved, dict) else saved
 
 
 def _jsonable(tc: TrainConfig) -> dict:

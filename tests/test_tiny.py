@@ -280,6 +280,14 @@ def test_loss_goes_down_and_resume_equals_uninterrupted(tmp_path):
     # a different recipe in the same directory is refused, not mixed
     with pytest.raises(ValueError, match="different configuration"):
         train.train(tmp_path / "b", dataclasses.replace(SHORT, lr=1e-3), progress=False)
+    # a run saved before later fields existed still resumes: they count at the values that reproduce it
+    saved = tmp_path / "b" / "train_config.json"
+    older = {k: v for k, v in json.loads(saved.read_text()).items() if k not in train.ADDED_FIELDS}
+    saved.write_text(json.dumps(older))
+    train.train(tmp_path / "b", SHORT, progress=False)
+    assert json.loads(saved.read_text()) == train._jsonable(SHORT)
+    with pytest.raises(ValueError, match="different configuration"):
+        train.train(tmp_path / "b", dataclasses.replace(SHORT, tied_init=True), progress=False)
     # the snapshot and the final export load, with their token map
     snap = oss_jax.load(tmp_path / "a" / "snapshots" / "step-000002")
     assert snap.token_map is not None and snap.layers[0].mlp.experts.packed
