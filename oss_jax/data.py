@@ -11,7 +11,7 @@ family     question                                                    answer
 =========  ==========================================================  ===================
 add        ``What is 347 + 885?`` (0 <= a, b <= 999)                   ``1232``
 sort       ``Sort these numbers from smallest to largest: 42, 7, 19.`` ``7, 19, 42``
-reverse    ``Reverse the letters: p l a n e t``                        ``t e n a l p``
+reverse    ``Reverse the letters: g b p d t``                          ``t d p b g``
 count      ``How many times does cat appear in: dog cat bird cat?``    ``2``
 lookup     ``Ana has 3 figs. Ben has 8 pears. How many pears ...?``    ``8``
 sub        ``What is 885-347?`` (0 <= b <= a <= 999)                   ``538``
@@ -36,7 +36,8 @@ Tokens: the prompt is rendered by ``oss_jax.harmony`` exactly as ``chat`` render
 assistant's text every digit is its own token (o200k groups digits in threes, "1232" -> "123",
 "2"): decoding gives the same text, and a 4M-parameter model can copy digits one at a time where
 it could not learn to compose a thousand three-digit tokens from a few examples each
-(``SPLIT_FAMILIES`` says in which families; all of them for the bundled model).
+(``SPLIT_BY_STYLE`` says in which families: in the bundled models' style all but ``sort``, whose reply
+copies whole numbers from the question).
 """
 
 from __future__ import annotations
@@ -51,19 +52,33 @@ import numpy as np
 from oss_jax import harmony
 
 FAMILIES = ("add", "sort", "reverse", "count", "lookup")
-# Share of training data (the default of ``TrainConfig.family_mix``: the bundled model's recipe).
-# Additions dominate: reading the digits out of o200k's three-digit number tokens is the skill the
-# bundled model needed the most examples of to reach 90% on additions in 30 minutes; the other
-# families get what is left (and the bundled model sorts and reverses poorly). A balanced mix
-# (0.3/0.2/0.15/0.15/0.2) tried for 1,600 steps lifted counting but no family that must find its
-# answer by content in the question, and lost the additions.
-MIX = {"add": 0.8, "sort": 0.05, "reverse": 0.05, "count": 0.05, "lookup": 0.05}
+# Share of training data after the first stage (the default of ``TrainConfig.family_mix``: the bundled
+# model's recipe). The additions get the most: reading the digits out of o200k's three-digit number tokens
+# takes many examples. The first recipe gave them 80% (92% correct at high effort, and near 0% on sort and
+# reverse); once a first stage of reversing had taught the model to copy (``TrainConfig.first_mix``), 35%
+# was enough for 97% and the rest went to the families that copy (benchmarks/results/tiny_recipe_pilots.md).
+MIX = {"add": 0.35, "sort": 0.2, "reverse": 0.1, "count": 0.15, "lookup": 0.2}
+V1_MIX = {"add": 0.8, "sort": 0.05, "reverse": 0.05, "count": 0.05, "lookup": 0.05}  # the first recipe's
 EFFORTS = ("low", "medium", "high")
 HELDOUT_PERCENT = 10
 # Families outside the bundled model's training recipe (never drawn by ``example``'s default mix): new
 # tasks to teach it by fine-tuning. ``make`` and ``evaluate`` take them like the others.
 NEW_FAMILIES = ("sub",)
 ALL_FAMILIES = (*FAMILIES, *NEW_FAMILIES)
+
+# Trace styles. "v1": the first bundled model's. "echo": each high-effort analysis opens by repeating the words
+# of the question that precede what it must copy ("the letters: f r o g", "does dog appear in: ..."), so the
+# first copy is a match-and-copy of the question's own tokens (an induction head), and ``sort`` writes o200k's
+# number tokens (copying "42" is copying one token) instead of one token per digit.
+# "letters" (the bundled models'): the echo traces, and ``reverse`` asks for random distinct letters instead of
+# one of ``WORDS``: a model trained on 68 words learns each word's reversal by heart (100% on training words, 0%
+# held out, session 10's echo pilot), while a string it never saw has to be read letter by letter. Distinct
+# letters, so each letter of the question is followed by one letter only: copying them in order is a
+# match-and-copy.
+STYLES = ("v1", "echo", "letters")
+STYLE = "letters"  # the default everywhere: the style the bundled models were trained in
+ECHO_STYLES = ("echo", "letters")  # the styles that write the echo traces
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 WORDS = ("apple", "bread", "cloud", "dance", "eagle", "flame", "grape", "house", "island", "jelly",
          "kite", "lemon", "mango", "night", "ocean", "piano", "queen", "river", "stone", "tiger",
@@ -88,7 +103,7 @@ class Example:
     question: str
     analysis: str  # empty: no analysis message
     final: str
-    style: str = "v1"  # how the analysis is written and the reply tokenized (STYLES)
+    style: str = STYLE  # how the analysis is written and the reply tokenized (STYLES)
 
     @property
     def messages(self) -> list[dict]:
@@ -103,21 +118,10 @@ def is_heldout(family: str, key: tuple) -> bool:
     return zlib.crc32(repr((family, key)).encode()) % 100 < HELDOUT_PERCENT
 
 
-# Trace styles. "v1": the bundled model's. "echo": each high-effort analysis opens by repeating the words of the
-# question that precede what it must copy ("The letters: f r o g", "appear in: dog no, ..."), so the first
-# copy is a match-and-copy of the question's own tokens (an induction head), and ``sort`` writes o200k's
-# number tokens (copying "42" is copying one token) instead of one token per digit.
-# "letters": the echo traces, and ``reverse`` asks for random distinct letters instead of one of ``WORDS``: a
-# model trained on 68 words learns each word's reversal by heart (100% on training words, 0% held out,
-# session 10's echo pilot), while a string it never saw has to be read letter by letter. Distinct letters, so
-# each letter of the question is followed by one letter only: copying them in order is a match-and-copy.
-STYLES = ("v1", "echo", "letters")
-ECHO_STYLES = ("echo", "letters")  # the styles that write the echo traces
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 # -- the five families: rng -> (key, question, {effort: analysis}, final) -----------------------------
-def _add(rng: np.random.Generator, style: str = "v1"):
+def _add(rng: np.random.Generator, style: str = STYLE):
     a, b = (int(x) for x in rng.integers(0, 1000, 2))
     pa, pb = f"{a:03d}", f"{b:03d}"
     steps, carry = [], 0
@@ -132,7 +136,7 @@ def _add(rng: np.random.Generator, style: str = "v1"):
     return (a, b), f"What is {a} + {b}?", {"low": "", "medium": medium, "high": high}, str(total)
 
 
-def _sort(rng: np.random.Generator, style: str = "v1"):
+def _sort(rng: np.random.Generator, style: str = STYLE):
     n = int(rng.integers(3, 6))
     nums = [int(x) for x in rng.choice(100, n, replace=False)]
     order = sorted(nums)
@@ -149,7 +153,7 @@ def _sort(rng: np.random.Generator, style: str = "v1"):
     return tuple(nums), q, {"low": "", "medium": medium, "high": high}, ", ".join(map(str, order))
 
 
-def _reverse(rng: np.random.Generator, style: str = "v1"):
+def _reverse(rng: np.random.Generator, style: str = STYLE):
     if style == "letters":
         word = "".join(LETTERS[int(i)] for i in rng.choice(len(LETTERS), int(rng.integers(3, 8)), replace=False))
     else:
@@ -165,7 +169,7 @@ def _reverse(rng: np.random.Generator, style: str = "v1"):
     return (word,), f"Reverse the letters: {letters}", {"low": "", "medium": medium, "high": high}, back
 
 
-def _count(rng: np.random.Generator, style: str = "v1"):
+def _count(rng: np.random.Generator, style: str = STYLE):
     target = ANIMALS[int(rng.integers(len(ANIMALS)))]
     n = int(rng.integers(4, 10))
     items = [ANIMALS[int(i)] for i in rng.integers(len(ANIMALS), size=n)]
@@ -186,7 +190,7 @@ def _count(rng: np.random.Generator, style: str = "v1"):
     return (target, *items), q, {"low": "", "medium": medium, "high": high}, str(seen)
 
 
-def _lookup(rng: np.random.Generator, style: str = "v1"):
+def _lookup(rng: np.random.Generator, style: str = STYLE):
     n = int(rng.integers(2, 5))
     names = [NAMES[int(i)] for i in rng.choice(len(NAMES), n, replace=False)]
     items = [ITEMS[int(i)] for i in rng.choice(len(ITEMS), n, replace=False)]
@@ -203,7 +207,7 @@ def _lookup(rng: np.random.Generator, style: str = "v1"):
     return (*names, *items, *counts, j), q, {"low": "", "medium": medium, "high": high}, str(counts[j])
 
 
-def _sub(rng: np.random.Generator, style: str = "v1"):
+def _sub(rng: np.random.Generator, style: str = STYLE):
     b, a = sorted(int(x) for x in rng.integers(0, 1000, 2))  # a >= b: the difference is never negative
     pa, pb = f"{a:03d}", f"{b:03d}"
     steps, borrow = [], 0
@@ -223,7 +227,7 @@ _MAKERS: dict[str, Callable] = {"add": _add, "sort": _sort, "reverse": _reverse,
                                 "sub": _sub}
 
 
-def make(family: str, effort: str, rng: np.random.Generator, heldout: bool = False, style: str = "v1") -> Example:
+def make(family: str, effort: str, rng: np.random.Generator, heldout: bool = False, style: str = STYLE) -> Example:
     """One example of ``family`` (any of ``ALL_FAMILIES``) at ``effort`` from the requested split (rejection
     sampling), its analysis in trace ``style`` (``STYLES``)."""
     if family not in _MAKERS or effort not in EFFORTS:
@@ -237,7 +241,7 @@ def make(family: str, effort: str, rng: np.random.Generator, heldout: bool = Fal
 
 
 def example(seed: int, index: int, heldout: bool = False, effort: str | None = None,
-            mix: dict[str, float] | None = None, style: str = "v1") -> Example:
+            mix: dict[str, float] | None = None, style: str = STYLE) -> Example:
     """Example number ``index`` of the stream ``seed``: family by ``mix`` (default ``MIX``; a mix may name
     ``NEW_FAMILIES`` too, e.g. ``{"sub": 1.0}``), effort uniform unless given."""
     rng = np.random.default_rng([seed, index, int(heldout)])
@@ -267,12 +271,12 @@ def split_digits(ids: list[int]) -> list[int]:
 
 
 # The families in which the assistant writes one token per digit; elsewhere it writes o200k's own
-# tokens (copying "42" from the question is then copying one token). The bundled model: all (and the new ones).
+# tokens (copying "42" from the question is then copying one token). Style v1: all of them.
 SPLIT_FAMILIES = ALL_FAMILIES
 SPLIT_BY_STYLE = {"v1": SPLIT_FAMILIES, **{s: tuple(f for f in ALL_FAMILIES if f != "sort") for s in ECHO_STYLES}}
 
 
-def assistant_tokens(text: str, family: str | None = None, style: str = "v1") -> list[int]:
+def assistant_tokens(text: str, family: str | None = None, style: str = STYLE) -> list[int]:
     """How the assistant writes ``text`` in ``family``: o200k tokens, digits one per token in
     ``SPLIT_BY_STYLE[style]`` (and when ``family`` is None)."""
     ids = harmony.encode(text)
@@ -298,7 +302,7 @@ def tokens(ex: Example) -> tuple[list[int], list[int]]:
     return harmony.render(ex.question, ex.effort), completion(ex)
 
 
-def vocabulary(style: str = "v1") -> list[int]:
+def vocabulary(style: str = STYLE) -> list[int]:
     """Every o200k id the corpus can use, sorted: the tiny model's vocabulary.
 
     Built from the templates by enumeration (every number 0..999 in both operand places, every
@@ -312,7 +316,8 @@ def vocabulary(style: str = "v1") -> list[int]:
 @functools.cache  # a pure function of this module's constants; building it reads ~16,000 conversations
 def _vocabulary(style: str) -> tuple[int, ...]:
     ids: set[int] = set()
-    for ex in (example(0, i, heldout=h, style=s) for i in range(4000) for h in (False, True)
+    # V1_MIX: the sample the first vocabularies were built from, so that a shipped vocabulary stays the same
+    for ex in (example(0, i, heldout=h, mix=V1_MIX, style=s) for i in range(4000) for h in (False, True)
                for s in dict.fromkeys(("v1", style))):
         prompt, comp = tokens(ex)
         ids.update(prompt)

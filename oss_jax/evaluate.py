@@ -41,9 +41,10 @@ class Cell:
 
 
 def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: Sequence[str] = data.FAMILIES,
-             efforts: Sequence[str] = data.EFFORTS, keep_examples: int = 3, style: str = "v1") -> list[Cell]:
+             efforts: Sequence[str] = data.EFFORTS, keep_examples: int = 3, style: str | None = None) -> list[Cell]:
     """Ask ``per_cell`` held-out questions of every family at every effort (greedy). ``families`` may name
-    ``data.NEW_FAMILIES`` too (``("sub",)``: the fine-tuning experiment's family).
+    ``data.NEW_FAMILIES`` too (``("sub",)``: the fine-tuning experiment's family). ``style``: how the
+    questions are written (``data.STYLES``); default the style the model was trained in (``trained_style``).
 
     Returns one :class:`Cell` per (family, effort), with up to ``keep_examples`` transcripts.
     """
@@ -58,6 +59,9 @@ def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: S
     for name, given, known in (("family", families, data.ALL_FAMILIES), ("effort", efforts, data.EFFORTS)):
         if unknown := [x for x in given if x not in known]:
             raise ValueError(f"unknown {name} {unknown[0]!r}: use {', '.join(known)}")
+    style = trained_style(model) if style is None else style
+    if style not in data.STYLES:
+        raise ValueError(f"unknown trace style {style!r}: use {', '.join(data.STYLES)}")
     cells = []
     for family in families:
         for effort in efforts:
@@ -70,12 +74,20 @@ def evaluate(model: GptOss, *, per_cell: int = 50, seed: int = 1234, families: S
                 reply = harmony.Reply.from_tokens([int(t) for t in row if t != PAD])
                 ok = reply.final.strip() == ex.final
                 correct += ok
-                lengths.append(len(data.assistant_tokens(reply.analysis, family)) if reply.analysis else 0)
+                lengths.append(len(data.assistant_tokens(reply.analysis, family, style)) if reply.analysis else 0)
                 if len(kept) < keep_examples:
                     kept.append({"question": ex.question, "expected": ex.final, "final": reply.final,
                                  "analysis": reply.analysis, "correct": bool(ok)})
             cells.append(Cell(family, effort, per_cell, correct, float(np.mean(lengths)), kept))
     return cells
+
+
+def trained_style(model: GptOss) -> str:
+    """The trace style (``data.STYLES``) of the questions ``model`` was trained on: the one its token map
+    records; ``"v1"`` for a small model saved before styles were recorded; ``data.STYLE`` for a model with
+    o200k's whole vocabulary (gpt-oss reads any of them)."""
+    tmap = model.token_map
+    return data.STYLE if tmap is None else tmap.style or "v1"
 
 
 def table(results: dict[str, list[Cell]]) -> str:

@@ -79,15 +79,15 @@ NO_SINK = -1e4
 class TrainConfig:
     """Everything a run depends on (saved with its checkpoints)."""
 
-    steps: int = 2400
+    steps: int = 4800  # 35 minutes here (batch 8: 0.42-0.46 s per step)
     batch: int = 8
     # Share of each task family (in data.FAMILIES order) in the training stream.
     family_mix: tuple[float, ...] = tuple(data.MIX[f] for f in data.FAMILIES)
     # Each step trains on one effort (low, medium, high), drawn with these weights, padded to that
     # effort's length: a third of the compute padding cost of one length for all. Mostly high: the
-    # column-by-column additions are what a small model needs the most examples of.
-    effort_mix: tuple[float, float, float] = (0.05, 0.05, 0.9)
-    seq_lens: tuple[int, int, int] = (112, 128, 176)  # the longest conversations are 101, 121, 167 tokens
+    # step-by-step analyses are what a small model needs the most examples of.
+    effort_mix: tuple[float, float, float] = (0.1, 0.1, 0.8)
+    seq_lens: tuple[int, int, int] = (96, 116, 184)  # T: the longest conversations are 96, 114, 184 tokens (T + 1)
     # Measured on additions alone (batch 8, 800 steps): peak 3e-3 sat on a plateau, 1e-3 learned,
     # 6e-4 learned fastest (per-token cross-entropy 0.03 at step 800 against 0.18 for 1e-3).
     lr: float = 6e-4
@@ -101,14 +101,14 @@ class TrainConfig:
     # instead (empty: none). Copying a token out of the question is a skill every family but the addition
     # needs, and a mixed stream never taught it: 3,600 steps with reverse at 15% left every copy wrong, while
     # reverse alone (style "letters") copies every letter after 800 steps (benchmarks/results/tiny_recipe_pilots.md).
-    first_mix: tuple[float, ...] = ()
-    first_steps: int = 0
+    first_mix: tuple[float, ...] = (0.0, 0.0, 1.0, 0.0, 0.0)  # reverse alone
+    first_steps: int = 800
     tied_init: bool = False  # the unembedding starts equal to the embedding (init_model)
     seed: int = 0
     digit_init: bool = True  # number tokens' embeddings start digit-structured (see init_model)
     dense: bool = False  # the dense twin: one FFN of width k * F instead of E experts (tiny_config)
     sinks: bool = True  # False: the no-sink twin, sink logits fixed at NO_SINK (no learned sinks)
-    style: str = "v1"  # how the analyses are written (data.STYLES)
+    style: str = data.STYLE  # how the questions and analyses are written (data.STYLES)
     checkpoint_every: int = 200
     snapshot_steps: tuple[int, ...] = (100, 500, 1500)  # whole small checkpoints kept for the notebooks
     log_every: int = 10
@@ -310,7 +310,7 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
     metrics_path = out / "metrics.jsonl"
     logged = read_metrics(metrics_path)  # a corrupt log is refused before any work
     saved.write_text(json.dumps(_jsonable(tc), indent=1))
-    tmap = TokenMap(data.vocabulary(tc.style))
+    tmap = TokenMap(data.vocabulary(tc.style), style=tc.style)
     cfg = tiny_config(len(tmap), dense=tc.dense)
     model = init_model(cfg, tc.seed, tmap if tc.digit_init else None, sinks=tc.sinks, tied_init=tc.tied_init)
     graphdef, params = _for_training(model)

@@ -29,12 +29,18 @@ class TokenMap:
 
     Args:
       o200k_ids: the o200k ids the model knows, in model-id order starting at model id 1.
+      style: the trace style of the data the model was trained on (``oss_jax.data.STYLES``), saved with the
+        map so that evaluation asks the questions the model learned to read; None when unknown (a map saved
+        before styles were recorded: style ``"v1"``).
     """
 
-    def __init__(self, o200k_ids: Iterable[int]):
+    def __init__(self, o200k_ids: Iterable[int], style: str | None = None):
         ids = [int(i) for i in o200k_ids]
         if len(set(ids)) != len(ids) or any(not 0 <= i < harmony.VOCAB_SIZE for i in ids):
             raise ValueError("a token map needs distinct o200k ids in [0, 201088)")
+        if style is not None and not (isinstance(style, str) and style.isidentifier()):
+            raise ValueError(f"a token map's style must be a name like 'letters', got {style!r}")
+        self.style = style
         self.o200k = np.array([-1, *ids], np.int32)  # model id -> o200k id
         self._model = np.full(harmony.VOCAB_SIZE, UNKNOWN, np.int32)  # o200k id -> model id
         self._model[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
@@ -85,7 +91,7 @@ class TokenMap:
         """Write ``vocab.json`` into ``directory``."""
         path = Path(directory) / FILENAME
         body = {"format": "oss-jax/token-map", "encoding": "o200k_harmony", "unknown_model_id": UNKNOWN,
-                "o200k_ids": self.o200k[1:].tolist()}
+                "o200k_ids": self.o200k[1:].tolist(), **({"style": self.style} if self.style else {})}
         path.write_text(json.dumps(body))
         return path
 
@@ -97,6 +103,6 @@ class TokenMap:
             return None
         try:
             body = json.loads(path.read_text())
-            return cls(body["o200k_ids"])
+            return cls(body["o200k_ids"], style=body.get("style"))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a valid token map ({e})") from None
