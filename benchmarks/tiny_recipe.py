@@ -1,15 +1,15 @@
 """One pilot of a tiny-model training recipe (issue 16): train from scratch, then held-out accuracy per family.
 
-    .venv/bin/python benchmarks/tiny_recipe.py --out runs/pilot-b --style letters --first-mix 0,0,1,0,0 \
-        --first-steps 800 --family-mix 0.35,0.2,0.1,0.15,0.2 --effort-mix 0.1,0.1,0.8 --seq-lens 96,116,184 \
-        --steps 4800 --per-cell 30      # session 13's best pilot (results: tiny_recipe_pilots.md)
+    .venv/bin/python benchmarks/tiny_recipe.py --out runs/pilot-b --per-cell 30   # the bundled recipe (pilot B)
+    .venv/bin/python benchmarks/tiny_recipe.py --out runs/no-stage --first-steps 0   # without its first stage
     .venv/bin/python benchmarks/tiny_recipe.py --out runs/smoke --steps 4 --per-cell 1 --name smoke.md   # smoke
 
-Every setting is a field of ``oss_jax.train.TrainConfig`` (the rest keep the shipped recipe's defaults), saved
-with the run, so an interrupted pilot resumes (and a changed one is refused). At the end: the float32
-model as trained asked ``--per-cell`` held-out questions of every family at every effort (``oss_jax.evaluate``,
-greedy, through ``chat``), and, at high effort, where each reply's first wrong prediction falls under teacher
-forcing (notebook 11, section 6). The table is printed and written to ``benchmarks/results/<--name>``.
+Every setting is a field of ``oss_jax.train.TrainConfig``, by default the bundled recipe's (session 13's pilot B,
+in tiny_recipe_pilots.md), saved with the run, so an interrupted pilot resumes (and a changed one is refused). At
+the end: the float32 model as trained asked ``--per-cell`` held-out questions of every family at every effort
+(``oss_jax.evaluate``, greedy, through ``chat``), and, at high effort, where each reply's first wrong prediction
+falls under teacher forcing (notebook 11, section 6). The table is printed and written to
+``benchmarks/results/<--name>``.
 The issue's targets: >= 90% at high effort on four families and >= 70% on the fifth, accuracy not falling
 with effort, training <= 45 minutes here.
 """
@@ -66,10 +66,12 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="run directory (resumes an interrupted run)")
     parser.add_argument("--name", default="tiny_recipe.md", help="results file in benchmarks/results")
     parser.add_argument("--steps", type=int, default=train.TrainConfig.steps)
-    parser.add_argument("--style", default="v1", choices=data.STYLES)
+    parser.add_argument("--style", default=train.TrainConfig.style, choices=data.STYLES)
     parser.add_argument("--family-mix", type=floats, default=train.TrainConfig.family_mix)
-    parser.add_argument("--first-mix", type=floats, default=(), help="the first stage's family mix")
-    parser.add_argument("--first-steps", type=int, default=0, help="steps of the first stage")
+    parser.add_argument("--first-mix", type=floats, default=train.TrainConfig.first_mix,
+                        help="the first stage's family mix")
+    parser.add_argument("--first-steps", type=int, default=train.TrainConfig.first_steps,
+                        help="steps of the first stage (0: none)")
     parser.add_argument("--tied-init", action="store_true", help="the unembedding starts equal to the embedding")
     parser.add_argument("--effort-mix", type=floats, default=train.TrainConfig.effort_mix)
     parser.add_argument("--seq-lens", type=ints, default=train.TrainConfig.seq_lens)
@@ -79,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tc = train.TrainConfig(steps=args.steps, style=args.style, family_mix=args.family_mix,
-                           first_mix=args.first_mix, first_steps=args.first_steps,
+                           first_mix=args.first_mix if args.first_steps else (), first_steps=args.first_steps,
                            tied_init=args.tied_init,
                            effort_mix=args.effort_mix, seq_lens=args.seq_lens, lr=args.lr, seed=args.seed)
     t0 = time.perf_counter()

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from oss_jax.checkpoint import CheckpointError
 
 DIM, RESET = "\033[2m", "\033[0m"
+# oss_jax.data's names, spelled out so that the parser is built without importing it (tests check they agree)
+FAMILIES, EFFORTS, STYLES = ("add", "sort", "reverse", "count", "lookup", "sub"), ("low", "medium", "high"), \
+    ("v1", "echo", "letters")
 INT32 = 2**31
 
 
@@ -250,7 +253,8 @@ def _eval(args: argparse.Namespace) -> None:
     for experts in args.experts:
         model = oss_jax.load(args.model, dtype=args.dtype, experts=experts)
         name = {"auto": "as stored", "packed": "MXFP4 packed", "dense": "experts decoded at load"}
-        results[name[experts]] = evaluate.evaluate(model, per_cell=args.per_cell, seed=args.seed)
+        chosen = {k: getattr(args, k) for k in ("families", "efforts", "style") if getattr(args, k)}
+        results[name[experts]] = evaluate.evaluate(model, per_cell=args.per_cell, seed=args.seed, **chosen)
     if args.json:
         print(json.dumps(evaluate.as_json(results)))
     else:
@@ -319,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     ev.add_argument("--per-cell", type=COUNT, default=50, help="questions per family and effort")
     ev.add_argument("--seed", type=ID, default=1234)
+    ev.add_argument("--families", nargs="+", choices=FAMILIES,
+                    help="task families (default: the five of the training recipe; sub: notebook 13's new one)")
+    ev.add_argument("--efforts", nargs="+", choices=EFFORTS, help="efforts (default: all three)")
+    ev.add_argument("--style", choices=STYLES,
+                    help="how the questions are written (default: the style the model was trained in)")
     ev.add_argument("--experts", nargs="+", default=["packed", "dense"], choices=["auto", "packed", "dense"],
                     help="expert storage variants to compare (default: MXFP4 packed vs decoded at load)")
     ev.add_argument("--json", action="store_true")

@@ -110,12 +110,36 @@ def test_evaluate_asks_the_new_family():
         assert data.is_heldout("sub", (a, b)) and ex["expected"] == str(a - b)
     with pytest.raises(ValueError, match=r"^unknown family 'mul': use add, sort, reverse, count, lookup, sub$"):
         evaluate.evaluate(model, per_cell=1, families=("mul",))
-    # a model trained on another style's questions is asked that style's questions (reverse: random letters)
-    (cell,) = evaluate.evaluate(model, per_cell=3, families=("reverse",), efforts=("low",), keep_examples=3,
-                                style="letters")
+    # asked in the style it was trained in, which its token map records: reverse asks random letters
+    assert evaluate.trained_style(model) == model.token_map.style == data.STYLE == "letters"
+    (cell,) = evaluate.evaluate(model, per_cell=3, families=("reverse",), efforts=("low",), keep_examples=3)
     for ex in cell.examples:
         word = "".join(ex["question"].removeprefix("Reverse the letters: ").split())
         assert word not in data.WORDS and data.is_heldout("reverse", (word,)) and ex["expected"] == " ".join(word[::-1])
+    # another style on request; a map saved before styles were recorded is v1's; o200k's whole vocabulary: any
+    (cell,) = evaluate.evaluate(model, per_cell=2, families=("reverse",), efforts=("low",), keep_examples=2, style="v1")
+    assert all("".join(ex["question"].removeprefix("Reverse the letters: ").split()) in data.WORDS
+               for ex in cell.examples)
+    with pytest.raises(ValueError, match=r"^unknown trace style 'v3': use v1, echo, letters$"):
+        evaluate.evaluate(model, per_cell=1, style="v3")
+    model.token_map = TokenMap(model.token_map.o200k[1:])
+    assert evaluate.trained_style(model) == "v1"
+    model.token_map = None
+    assert evaluate.trained_style(model) == data.STYLE
+
+
+def test_eval_command_asks_chosen_families_and_efforts(capsys):
+    """``oss-jax eval --families --efforts``: one cell per pair asked, in the model's style; the command's
+    names are ``oss_jax.data``'s."""
+    from oss_jax import cli
+
+    assert (cli.FAMILIES, cli.EFFORTS, cli.STYLES) == (data.ALL_FAMILIES, data.EFFORTS, data.STYLES)
+    assert cli.main(["eval", "--per-cell", "2", "--families", "reverse", "add", "--efforts", "high",
+                     "--experts", "packed", "--json"]) in (0, None)
+    (cells,) = json.loads(capsys.readouterr().out).values()
+    assert [(c["family"], c["effort"], c["n"]) for c in cells] == [("reverse", "high", 2), ("add", "high", 2)]
+    assert all(ex["question"].startswith("Reverse the letters: ") and ex["expected"].replace(" ", "").isalpha()
+               for ex in cells[0]["examples"])
 
 
 def test_effort_sets_the_analysis():
@@ -174,6 +198,22 @@ def test_token_map_round_trips_every_family(tmap):
                 np.testing.assert_array_equal(back, ids)
                 text = harmony.decode([int(t) for t in back])
                 assert ex.question in text and ex.final in text and ex.analysis in text
+
+
+def test_token_map_saves_its_style(tmp_path):
+    """``vocab.json`` records the trace style the model was trained in (absent: unknown, v1's); a bad one is
+    refused naming the file."""
+    ids = data.vocabulary("letters")
+    for style in ("letters", None):
+        TokenMap(ids, style=style).save(tmp_path)
+        back = TokenMap.load(tmp_path)
+        assert back.style == style and back.o200k.tolist() == [-1, *ids]
+        assert ("style" in json.loads((tmp_path / "vocab.json").read_text())) == (style is not None)
+    with pytest.raises(ValueError, match="style must be a name"):
+        TokenMap(ids, style="")
+    (tmp_path / "vocab.json").write_text(json.dumps({"o200k_ids": ids, "style": 3}))
+    with pytest.raises(ValueError, match=r"vocab\.json: not a valid token map \(a token map's style must be a name"):
+        TokenMap.load(tmp_path)
 
 
 def test_echo_style_opens_with_the_question_and_round_trips():
