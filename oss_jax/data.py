@@ -118,8 +118,6 @@ def is_heldout(family: str, key: tuple) -> bool:
     return zlib.crc32(repr((family, key)).encode()) % 100 < HELDOUT_PERCENT
 
 
-
-
 # -- the five families: rng -> (key, question, {effort: analysis}, final) -----------------------------
 def _add(rng: np.random.Generator, style: str = STYLE):
     a, b = (int(x) for x in rng.integers(0, 1000, 2))

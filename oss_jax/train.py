@@ -87,7 +87,8 @@ class TrainConfig:
     # effort's length: a third of the compute padding cost of one length for all. Mostly high: the
     # step-by-step analyses are what a small model needs the most examples of.
     effort_mix: tuple[float, float, float] = (0.1, 0.1, 0.8)
-    seq_lens: tuple[int, int, int] = (96, 116, 184)  # T: the longest conversations are 96, 114, 184 tokens (T + 1)
+    # T per effort: a conversation of up to T + 1 tokens fits (the longest are 96, 114 and 184 tokens)
+    seq_lens: tuple[int, int, int] = (96, 116, 184)
     # Measured on additions alone (batch 8, 800 steps): peak 3e-3 sat on a plateau, 1e-3 learned,
     # 6e-4 learned fastest (per-token cross-entropy 0.03 at step 800 against 0.18 for 1e-3).
     lr: float = 6e-4
