@@ -56,10 +56,11 @@ def training_examples(n: int, replay: float, effort_mix: tuple[float, float, flo
 
 
 def write_jsonl(path: Path, examples: list[data.Example]) -> Path:
-    """One ``{"messages": [...], "effort": ...}`` line per conversation (what ``oss-jax finetune`` reads)."""
+    """One ``{"messages": [...], "effort": ..., "family": ...}`` line per conversation (what ``oss-jax finetune``
+    reads; the family says how the reply's numbers are tokenized)."""
     with path.open("w") as f:
         for ex in examples:
-            f.write(json.dumps({"messages": ex.messages, "effort": ex.effort}) + "\n")
+            f.write(json.dumps({"messages": ex.messages, "effort": ex.effort, "family": ex.family}) + "\n")
     return path
 
 

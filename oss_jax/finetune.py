@@ -20,8 +20,10 @@ not know is refused with the line it is on. The reply is tokenized as the model 
 model was trained to write numbers one token per digit (``oss_jax.data.split_digits``), so with
 ``FinetuneConfig.split_digits`` None (the default) a model with a token map gets the reply's multi-digit
 o200k tokens ("347") split into digits ("3", "4", "7"), and a model without one (a real gpt-oss) o200k's
-own; True or False forces it (``--split-digits`` / ``--no-split-digits``). The prompt is never split:
-``chat`` does not split it either.
+own; True or False forces it (``--split-digits`` / ``--no-split-digits``). A line of ``oss_jax.data``'s
+may name its task ``"family"``: where the model's trace style writes that family's numbers whole
+(``data.SPLIT_BY_STYLE``: sorting, for the bundled model), its reply is not split. The prompt is never
+split: ``chat`` does not split it either.
 
 Training: LoRA adapters (``oss_jax.lora``) on the targets, AdamW (optax) with a linear warmup then a
 rate falling along a cosine to 0 at the last step (``decay="cosine"``, the default: with a constant rate,
@@ -59,15 +61,15 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from oss_jax import boundary, harmony, lora
-from oss_jax.data import split_digits as split_digit_tokens
+from oss_jax import boundary, data, harmony, lora
+from oss_jax.evaluate import trained_style
 from oss_jax.model import GptOss, Recording
 from oss_jax.train import read_metrics
 
 f32 = jnp.float32
 CONFIG_FILE = "finetune_config.json"
 # The keys a line may hold: the conversation, its effort, and what `oss-jax chat --json` prints besides.
-LINE_KEYS = {"messages", "effort", "analysis", "final", "tokens"}
+LINE_KEYS = {"messages", "effort", "analysis", "final", "tokens", "family"}
 REPLY_CHANNELS = ("analysis", "final")
 DECAYS = ("constant", "cosine")  # FinetuneConfig.decay: the learning rate after the warmup
 
@@ -130,6 +132,7 @@ class Conversation:
     where: str  # "FILE:LINE"
     prompt: list[int]
     reply: list[int]
+    family: str | None = None  # an oss_jax.data task family, when the line names one
 
 
 def encode(record: object, where: str) -> Conversation:
@@ -139,10 +142,14 @@ def encode(record: object, where: str) -> Conversation:
         raise ValueError(f'{where}: expected an object {{"messages": [...], "effort": ...}}, got {got}')
     unknown = sorted(set(record) - LINE_KEYS)
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r} (a line holds 'messages' and optionally 'effort')")
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (a line holds 'messages' and optionally 'effort' "
+                         f"and 'family')")
     effort = record.get("effort", "medium")
     if not isinstance(effort, str) or effort not in harmony.EFFORTS:
         raise ValueError(f"{where}: effort must be one of {', '.join(harmony.EFFORTS)}, got {effort!r}")
+    family = record.get("family")
+    if family is not None and family not in data.ALL_FAMILIES:
+        raise ValueError(f"{where}: family must be one of {', '.join(data.ALL_FAMILIES)}, got {family!r}")
     messages = record["messages"]
     start = len(messages)
     while start > 0 and isinstance(messages[start - 1], dict) and messages[start - 1].get("role") == "assistant":
@@ -167,7 +174,7 @@ def encode(record: object, where: str) -> Conversation:
     head = [harmony.START, *harmony.encode("assistant")]  # the prompt ends with it: the reply starts after
     if prompt[-len(head):] != head or rendered[:len(head)] != head:  # pragma: no cover - openai-harmony changed
         raise RuntimeError(f"{where}: harmony rendered an unexpected reply header")
-    return Conversation(where, prompt, rendered[len(head):])
+    return Conversation(where, prompt, rendered[len(head):], family)
 
 
 def read_conversations(path: str | os.PathLike) -> list[Conversation]:
@@ -198,8 +205,11 @@ def read_conversations(path: str | os.PathLike) -> list[Conversation]:
 
 def model_ids(model: GptOss, conv: Conversation, split_digits: bool = False) -> list[int]:
     """The conversation's prompt + reply in the model's ids (through its token map, strictly); ``split_digits``:
-    the reply's multi-digit tokens split into one token per digit first (``oss_jax.data.split_digits``)."""
-    ids = conv.prompt + (split_digit_tokens(conv.reply) if split_digits else conv.reply)
+    the reply's multi-digit tokens split into one token per digit first (``oss_jax.data.split_digits``), unless
+    the conversation's family is one that the model's trace style writes whole (``data.SPLIT_BY_STYLE``)."""
+    if split_digits and conv.family is not None:
+        split_digits = conv.family in data.SPLIT_BY_STYLE[trained_style(model)]
+    ids = conv.prompt + (data.split_digits(conv.reply) if split_digits else conv.reply)
     tmap = model.token_map
     if tmap is None:
         return ids

@@ -6,6 +6,7 @@ The expert-parallel check runs in a subprocess with 4 simulated CPU devices (JAX
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -110,6 +111,7 @@ from test_errors import cli, one_line  # noqa: E402
 import oss_jax  # noqa: E402
 from oss_jax import data, finetune, harmony, lora  # noqa: E402
 from oss_jax.checkpoint import CheckpointError  # noqa: E402
+from oss_jax.vocab import TokenMap  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -423,16 +425,30 @@ def test_reply_digits_split_for_a_model_with_a_token_map(mxfp4_dir):
 
 
 def test_split_reply_is_the_bundled_model_training_completion():
-    # Every family (the new one too) at every effort: prompt + split reply are data.tokens, what it was trained on.
+    # Every family (the new one too) at every effort: prompt + split reply are data.tokens, what it was trained on,
+    # when the line names its family: the bundled model's style writes sort's numbers whole
     tiny = oss_jax.load("tiny")
+    assert "sort" not in data.SPLIT_BY_STYLE[tiny.token_map.style]
     rng = np.random.default_rng(5)
     for family in data.ALL_FAMILIES:
         for effort in data.EFFORTS:
             ex = data.make(family, effort, rng)
-            conv = finetune.encode({"messages": ex.messages, "effort": effort}, "x:1")
+            conv = finetune.encode({"messages": ex.messages, "effort": effort, "family": family}, "x:1")
             prompt, completion = data.tokens(ex)
             ids = finetune.model_ids(tiny, conv, split_digits=True)
             assert tiny.token_map.to_o200k(ids).tolist() == prompt + completion, (family, effort)
+            # without a family every number is split; a model of style v1 splits every family
+            plain = finetune.model_ids(tiny, dataclasses.replace(conv, family=None), split_digits=True)
+            whole = [t for t in conv.reply if harmony.decode([t]).isdigit() and len(harmony.decode([t])) > 1]
+            assert (plain == ids) == (family != "sort" or not whole), (family, effort)
+    ex = data.make("sort", "high", rng, style="v1")
+    conv = finetune.encode({"messages": ex.messages, "effort": "high", "family": "sort"}, "x:1")
+    tiny.token_map = TokenMap(tiny.token_map.o200k[1:])  # no style recorded: v1's
+    prompt, completion = data.tokens(ex)
+    assert tiny.token_map.to_o200k(finetune.model_ids(tiny, conv, split_digits=True)).tolist() == prompt + completion
+    with pytest.raises(ValueError, match=r"^x:2: family must be one of add, sort, reverse, count, lookup, sub, "
+                                         r"got 'mul'$"):
+        finetune.encode({"messages": ex.messages, "family": "mul"}, "x:2")
 
 
 def test_split_digits_is_part_of_the_run_setup(tmp_path):
