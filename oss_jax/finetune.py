@@ -27,7 +27,8 @@ split: ``chat`` does not split it either.
 
 Training: LoRA adapters (``oss_jax.lora``) on the targets, AdamW (optax) with a linear warmup then a
 rate falling along a cosine to 0 at the last step (``decay="cosine"``, the default: with a constant rate,
-``decay="constant"``, the subtraction experiment of ``benchmarks/finetune_new_family.py`` stayed at 62.5%),
+``decay="constant"``, the subtraction experiment of ``benchmarks/finetune_new_family.py`` stayed at 62.5% on the
+first bundled model),
 global-norm clipping. Only the adapters are differentiated; the base weights are
 inputs of the compiled step, never outputs, so they cannot change.
 
