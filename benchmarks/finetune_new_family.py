@@ -12,7 +12,8 @@ the model answers it by adding. The experiment:
    recipe's mix) against forgetting; efforts drawn by ``--effort-mix`` (mostly high).
 2. Fine-tune LoRA adapters on them (``oss_jax.finetune.finetune``: the base frozen, the MXFP4 experts
    packed; the replies one token per digit, as the model was trained), the rate decaying along a cosine
-   to 0 at the last step (``--decay``; a constant rate left ``sub`` at 62.5% and cost ``add`` 37.5 points).
+   to 0 at the last step (``--decay``; on the first bundled model a constant rate left ``sub`` at 62.5% and cost
+   ``add`` 37.5 points).
 3. Held-out exact-match accuracy (``oss_jax.evaluate``, greedy, ``--per-cell`` questions per cell) before
    and after: every family at high effort, ``sub`` at every effort.
 4. Routing drift (``oss_jax.routing.routing_drift``) on the reply tokens of held-out conversations, ``sub``
