@@ -75,9 +75,14 @@ ALL_FAMILIES = (*FAMILIES, *NEW_FAMILIES)
 # held out, session 10's echo pilot), while a string it never saw has to be read letter by letter. Distinct
 # letters, so each letter of the question is followed by one letter only: copying them in order is a
 # match-and-copy.
-STYLES = ("v1", "echo", "letters")
+# "keyed" (session 15's pilot D, tiny_recipe_pilots.md): the letters style, with the questions rewritten so that
+# every token a trace copies follows a one-token key in the question: each fact's count right after the name
+# ("Kate 8 pears."), each counted animal after its position ("1 bird 2 frog"), the numbers to sort without
+# commas. In the letters style those copies need two tokens of key ("Kate has", "42 ,"), and in an animal list
+# with repeats one is ambiguous.
+STYLES = ("v1", "echo", "letters", "keyed")
 STYLE = "letters"  # the default everywhere: the style the bundled models were trained in
-ECHO_STYLES = ("echo", "letters")  # the styles that write the echo traces
+ECHO_STYLES = ("echo", "letters", "keyed")  # the styles that write the echo traces
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 WORDS = ("apple", "bread", "cloud", "dance", "eagle", "flame", "grape", "house", "island", "jelly",
@@ -148,11 +153,19 @@ def _sort(rng: np.random.Generator, style: str = STYLE):
         high = "from smallest to largest: " + ", ".join(map(str, nums)) + ". " + " ".join(steps)
     medium = f"The smallest is {order[0]} and the largest is {order[-1]}."
     q = "Sort these numbers from smallest to largest: " + ", ".join(map(str, nums)) + "."
+    if style == "keyed":  # no commas between the numbers: each number is the key of the next
+        left, steps = list(nums), []
+        while left:
+            x = min(left)
+            left.remove(x)
+            steps.append(f"smallest {x}, left: " + (" ".join(map(str, left)) or "none") + ".")
+        high = "from smallest to largest: " + " ".join(map(str, nums)) + ". " + " ".join(steps)
+        q = "Sort these numbers from smallest to largest: " + " ".join(map(str, nums)) + "."
     return tuple(nums), q, {"low": "", "medium": medium, "high": high}, ", ".join(map(str, order))
 
 
 def _reverse(rng: np.random.Generator, style: str = STYLE):
-    if style == "letters":
+    if style in ("letters", "keyed"):
         word = "".join(LETTERS[int(i)] for i in rng.choice(len(LETTERS), int(rng.integers(3, 8)), replace=False))
     else:
         word = WORDS[int(rng.integers(len(WORDS)))]
@@ -185,6 +198,9 @@ def _count(rng: np.random.Generator, style: str = STYLE):
         high = f"does {target} appear in: " + ", ".join(steps) + f". Total {seen}."
     medium = f"{target} appears {seen} times."
     q = f"How many times does {target} appear in: {' '.join(items)}?"
+    if style == "keyed":  # each animal after its own number: every copy has a one-token key
+        high = f"does {target} appear in: " + ", ".join(f"{i} {s}" for i, s in enumerate(steps, 1)) + f". Total {seen}."
+        q = f"How many times does {target} appear in: {' '.join(f'{i} {it}' for i, it in enumerate(items, 1))}?"
     return (target, *items), q, {"low": "", "medium": medium, "high": high}, str(seen)
 
 
@@ -195,11 +211,16 @@ def _lookup(rng: np.random.Generator, style: str = STYLE):
     counts = [int(c) for c in rng.integers(1, 10, n)]
     j = int(rng.integers(n))
     facts = " ".join(f"{p} has {c} {it}." for p, c, it in zip(names, counts, items, strict=True))
+    if style == "keyed":  # the count right after the name: a one-token key
+        facts = " ".join(f"{p} {c} {it}." for p, c, it in zip(names, counts, items, strict=True))
     q = f"{facts} How many {items[j]} does {names[j]} have?"
     high = f"The question asks about {names[j]} and {items[j]}. {names[j]} has {counts[j]} {items[j]}. " \
            f"So the answer is {counts[j]}."
     medium = f"{names[j]} has {counts[j]}."
-    if style in ECHO_STYLES:
+    if style == "keyed":
+        high = f"How many {items[j]} does {names[j]} have? {names[j]} {counts[j]} {items[j]}. " \
+               f"So the answer is {counts[j]}."
+    elif style in ECHO_STYLES:
         high = f"How many {items[j]} does {names[j]} have? {names[j]} has {counts[j]} {items[j]}. " \
                f"So the answer is {counts[j]}."
     return (*names, *items, *counts, j), q, {"low": "", "medium": medium, "high": high}, str(counts[j])
@@ -323,7 +344,7 @@ def _vocabulary(style: str) -> tuple[int, ...]:
     for n in range(1000):
         ids.update(harmony.render(f"What is {n} + {n}?", "low"))
         ids.update(harmony.encode(f"Sort these numbers from smallest to largest: {n}, {n}."))
-    for w in (*WORDS, *ANIMALS, *NAMES, *ITEMS, *(LETTERS if style == "letters" else ())):
+    for w in (*WORDS, *ANIMALS, *NAMES, *ITEMS, *(LETTERS if style in ("letters", "keyed") else ())):
         for text in (w, f" {w}", f"{w}.", f" {w}.", f"{w}?", f" {w}?", " ".join(w)):
             ids.update(harmony.encode(text))
     for effort in EFFORTS:

@@ -120,7 +120,7 @@ def test_evaluate_asks_the_new_family():
     (cell,) = evaluate.evaluate(model, per_cell=2, families=("reverse",), efforts=("low",), keep_examples=2, style="v1")
     assert all("".join(ex["question"].removeprefix("Reverse the letters: ").split()) in data.WORDS
                for ex in cell.examples)
-    with pytest.raises(ValueError, match=r"^unknown trace style 'v3': use v1, echo, letters$"):
+    with pytest.raises(ValueError, match=r"^unknown trace style 'v3': use v1, echo, letters, keyed$"):
         evaluate.evaluate(model, per_cell=1, style="v3")
     model.token_map = TokenMap(model.token_map.o200k[1:])
     assert evaluate.trained_style(model) == "v1"
@@ -270,6 +270,35 @@ def test_letters_style_reverses_strings_that_cannot_be_learned_by_heart():
     for i, family in enumerate(f for f in data.FAMILIES if f != "reverse"):
         echo, letters = (data.make(family, "high", np.random.default_rng([i, 8]), style=s) for s in ("echo", "letters"))
         assert echo == dataclasses.replace(letters, style="echo")
+
+
+def test_keyed_style_puts_each_copied_token_right_after_a_one_token_key():
+    """The "keyed" style (pilot D): the letters style, but where a copy needs a two-token key there, the question
+    is written so that the token to copy follows one token: each fact's count right after the name, each counted
+    animal after its position, the numbers to sort without commas. Same keys, so the same split; the analyses
+    round-trip through the letters vocabulary (no new token)."""
+    letters_map = TokenMap(data.vocabulary("letters"))
+    assert data.vocabulary("keyed") == data.vocabulary("letters")
+    for i in range(100):
+        for family in data.FAMILIES:
+            keyed, letters = (data.make(family, "high", np.random.default_rng([i, 9]), style=s)
+                              for s in ("keyed", "letters"))
+            assert keyed.key == letters.key and keyed.final == letters.final
+            prompt, completion = data.tokens(keyed)
+            ids = prompt + completion
+            np.testing.assert_array_equal(letters_map.to_o200k(letters_map.to_model(ids, strict=True)), ids)
+            if family in ("add", "reverse"):
+                assert keyed == dataclasses.replace(letters, style="keyed")
+            elif family == "lookup":
+                names, n = keyed.key[:len(keyed.key) // 3], len(keyed.key) // 3
+                counts = keyed.key[2 * n:3 * n]
+                assert all(f"{p} {c} " in keyed.question for p, c in zip(names, counts, strict=True))
+                assert " has " not in keyed.question
+            elif family == "count":
+                items = keyed.key[1:]
+                assert keyed.question.endswith(" ".join(f"{j} {it}" for j, it in enumerate(items, 1)) + "?")
+            else:
+                assert keyed.question.endswith(" ".join(map(str, keyed.key)) + ".") and "," not in keyed.question
 
 
 def test_token_map_round_trip(tmp_path, tmap):
