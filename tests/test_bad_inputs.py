@@ -23,7 +23,7 @@ GOOD = [H.START, H.MESSAGE]  # two o200k ids the tiny model knows
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The bundled model: o200k ids in, mapped to its 1400 ids by its TokenMap."""
+    """The bundled model: o200k ids in, mapped to its own ids by its TokenMap."""
     return oss_jax.load("tiny")
 
 
@@ -75,8 +75,10 @@ def test_token_map_checks_before_it_casts(tiny):
         tmap.to_model(np.array([True]))
     with pytest.raises(ValueError, match="token id 1180591620717411303424 is outside o200k_harmony"):
         tmap.to_model([2**70])
-    with pytest.raises(ValueError, match="model ids: token id 1400 is outside this model's vocabulary"):
-        tmap.to_o200k([1400])  # was read as the last model id
+    n = len(tmap)  # one past the last model id
+    with pytest.raises(ValueError, match=f"model ids: token id {n} is outside this model's vocabulary"):
+        tmap.to_o200k([n])  # was read as the last model id
+    assert tmap.to_o200k([n - 1])[0] == tmap.o200k[-1]
     np.testing.assert_array_equal(tmap.to_model([-1, GOOD[0]])[0], -1)  # padding still passes through
 
 
