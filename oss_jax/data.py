@@ -144,23 +144,16 @@ def _sort(rng: np.random.Generator, style: str = STYLE):
     nums = [int(x) for x in rng.choice(100, n, replace=False)]
     order = sorted(nums)
     high = f"There are {n} numbers. The smallest is {order[0]}. " + " ".join(f"Then {x}." for x in order[1:])
+    sep = " " if style == "keyed" else ", "  # keyed: no commas between the numbers, each the key of the next
     if style in ECHO_STYLES:  # echo the list, then remove the smallest until none is left
         left, steps = list(nums), []
         while left:
             x = min(left)
             left.remove(x)
-            steps.append(f"smallest {x}, left: " + (", ".join(map(str, left)) or "none") + ".")
-        high = "from smallest to largest: " + ", ".join(map(str, nums)) + ". " + " ".join(steps)
+            steps.append(f"smallest {x}, left: " + (sep.join(map(str, left)) or "none") + ".")
+        high = "from smallest to largest: " + sep.join(map(str, nums)) + ". " + " ".join(steps)
     medium = f"The smallest is {order[0]} and the largest is {order[-1]}."
-    q = "Sort these numbers from smallest to largest: " + ", ".join(map(str, nums)) + "."
-    if style == "keyed":  # no commas between the numbers: each number is the key of the next
-        left, steps = list(nums), []
-        while left:
-            x = min(left)
-            left.remove(x)
-            steps.append(f"smallest {x}, left: " + (" ".join(map(str, left)) or "none") + ".")
-        high = "from smallest to largest: " + " ".join(map(str, nums)) + ". " + " ".join(steps)
-        q = "Sort these numbers from smallest to largest: " + " ".join(map(str, nums)) + "."
+    q = "Sort these numbers from smallest to largest: " + sep.join(map(str, nums)) + "."
     return tuple(nums), q, {"low": "", "medium": medium, "high": high}, ", ".join(map(str, order))
 
 
