@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--effort-mix", type=floats, default=train.TrainConfig.effort_mix)
     parser.add_argument("--seq-lens", type=ints, default=train.TrainConfig.seq_lens)
     parser.add_argument("--lr", type=float, default=train.TrainConfig.lr)
+    parser.add_argument("--heads", type=int, default=train.TrainConfig.heads, help="query heads (train.tiny_config)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-cell", type=int, default=50)
     args = parser.parse_args()
@@ -83,7 +84,8 @@ def main() -> None:
     tc = train.TrainConfig(steps=args.steps, style=args.style, family_mix=args.family_mix,
                            first_mix=args.first_mix if args.first_steps else (), first_steps=args.first_steps,
                            tied_init=args.tied_init,
-                           effort_mix=args.effort_mix, seq_lens=args.seq_lens, lr=args.lr, seed=args.seed)
+                           effort_mix=args.effort_mix, seq_lens=args.seq_lens, lr=args.lr, seed=args.seed,
+                           heads=args.heads)
     t0 = time.perf_counter()
     model = train.train(args.out, tc, progress=sys.stderr.isatty())
     trained_s = time.perf_counter() - t0

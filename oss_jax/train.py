@@ -53,7 +53,7 @@ from oss_jax.vocab import TokenMap
 f32 = jnp.float32
 
 
-def tiny_config(vocab_size: int, *, dense: bool = False) -> Config:
+def tiny_config(vocab_size: int, *, dense: bool = False, heads: int = 4) -> Config:
     """The bundled model: every gpt-oss feature at small scale (about 4M parameters).
 
     Sinks, alternating sliding (64-token) and full attention, YaRN RoPE with gpt-oss's own
@@ -63,10 +63,17 @@ def tiny_config(vocab_size: int, *, dense: bool = False) -> Config:
     ``dense``: its dense twin, with the same parameters active per token: one expert of width
     k * F = 512 chosen for every token (top-1 of 1, so its gate is always 1). It is still a gpt-oss
     config, so every code path, checkpoint format and tool works on it unchanged.
+
+    ``heads``: query heads sharing the same 192 query dimensions (head width 192 / heads; key-value heads
+    half as many, as in gpt-oss's 64 : 8 grouping at small scale). More, narrower heads give more attention
+    patterns at about the same cost (a pilot's question; the bundled models have 4).
     """
     experts, k, width = (1, 1, 4 * 128) if dense else (16, 4, 128)
+    if heads < 2 or heads % 2 or 192 % heads or (192 // heads) % 2:
+        raise ValueError(f"heads must be even and split 192 query dimensions into even head widths, got {heads}")
     return Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=width, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=48, num_experts=experts,
+                  num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=192 // heads,
+                  num_experts=experts,
                   experts_per_token=k, sliding_window=64, quant_method="mxfp4")
 
 
@@ -109,6 +116,7 @@ class TrainConfig:
     digit_init: bool = True  # number tokens' embeddings start digit-structured (see init_model)
     dense: bool = False  # the dense twin: one FFN of width k * F instead of E experts (tiny_config)
     sinks: bool = True  # False: the no-sink twin, sink logits fixed at NO_SINK (no learned sinks)
+    heads: int = 4  # query heads (tiny_config): 8 is session 16's pilot F, more and narrower heads
     style: str = data.STYLE  # how the questions and analyses are written (data.STYLES)
     checkpoint_every: int = 200
     snapshot_steps: tuple[int, ...] = (100, 500, 1500)  # whole small checkpoints kept for the notebooks
@@ -117,7 +125,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse counts that would train nothing (``steps=0`` would export an untrained model)."""
         for name, least in (("steps", 1), ("batch", 1), ("checkpoint_every", 1), ("log_every", 1), ("warmup", 0),
-                            ("first_steps", 0)):
+                            ("first_steps", 0), ("heads", 2)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {least}, got {value!r}")
@@ -312,7 +320,7 @@ def train(out: str | Path, tc: TrainConfig = TrainConfig(), *, progress: bool = 
     logged = read_metrics(metrics_path)  # a corrupt log is refused before any work
     saved.write_text(json.dumps(_jsonable(tc), indent=1))
     tmap = TokenMap(data.vocabulary(tc.style), style=tc.style)
-    cfg = tiny_config(len(tmap), dense=tc.dense)
+    cfg = tiny_config(len(tmap), dense=tc.dense, heads=tc.heads)
     model = init_model(cfg, tc.seed, tmap if tc.digit_init else None, sinks=tc.sinks, tied_init=tc.tied_init)
     graphdef, params = _for_training(model)
     opt = optimizer(tc)
@@ -436,7 +444,7 @@ def ship(run_dir: str | Path, dst: str | Path | None = None) -> Path:
 
 
 # Fields added to TrainConfig after runs were saved without them, with the values that reproduce those runs.
-ADDED_FIELDS = {"style": "v1", "first_mix": [], "first_steps": 0, "tied_init": False}
+ADDED_FIELDS = {"style": "v1", "first_mix": [], "first_steps": 0, "tied_init": False, "heads": 4}
 
 
 def _with_added_fields(saved: object) -> object:

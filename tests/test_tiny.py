@@ -371,9 +371,11 @@ def test_loss_goes_down_and_resume_equals_uninterrupted(tmp_path):
                                atol=0.25)  # MXFP4 experts vs the float32 ones
 
 
-def test_save_loads_in_transformers(tmp_path):
-    """The export is a real gpt-oss checkpoint: transformers reads it (model ids as its vocabulary)."""
-    model = train.init_model(train.tiny_config(300), seed=1)
+@pytest.mark.parametrize("heads", [4, 8])
+def test_save_loads_in_transformers(tmp_path, heads):
+    """The export is a real gpt-oss checkpoint: transformers reads it (model ids as its vocabulary), with the
+    bundled 4 heads of 48 and a pilot's 8 of 24 (``TrainConfig.heads``)."""
+    model = train.init_model(train.tiny_config(300, heads=heads), seed=1)
     tokens = np.random.default_rng(0).integers(0, 300, (1, 90))
     for mx in (False, True):
         path = save(model, tmp_path / f"m{int(mx)}", mxfp4=mx, float_dtype="float32")
@@ -543,3 +545,17 @@ def test_tied_init_starts_the_unembedding_at_the_embedding(tmp_path):
     assert not np.array_equal(plain.unembed_VD[...], plain.embed_VD[...])
     trained = train.train(tmp_path / "run", tc, progress=False)
     assert not np.array_equal(trained.unembed_VD[...], trained.embed_VD[...])
+
+
+def test_head_count_is_a_recipe_field():
+    """``heads`` splits the same 192 query dimensions; impossible splits are refused with the value, and a run
+    saved before the field existed reads as the 4 heads it was trained with."""
+    cfg = train.tiny_config(300, heads=8)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (8, 4, 24)
+    for bad in (3, 5, 10, 64):
+        with pytest.raises(ValueError, match=f"got {bad}"):
+            train.tiny_config(300, heads=bad)
+    with pytest.raises(ValueError, match="heads"):
+        train.TrainConfig(heads=0)
+    saved = {k: v for k, v in train._jsonable(train.TrainConfig()).items() if k != "heads"}
+    assert train._with_added_fields(saved) == train._jsonable(train.TrainConfig())
