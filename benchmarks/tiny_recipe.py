@@ -34,6 +34,11 @@ def floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(","))
 
 
+def stage(text: str) -> tuple[int, tuple[float, ...]]:
+    steps, _, mix = text.partition(":")
+    return int(steps), floats(mix)
+
+
 def ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
@@ -76,6 +81,10 @@ def main() -> None:
     parser.add_argument("--effort-mix", type=floats, default=train.TrainConfig.effort_mix)
     parser.add_argument("--seq-lens", type=ints, default=train.TrainConfig.seq_lens)
     parser.add_argument("--lr", type=float, default=train.TrainConfig.lr)
+    parser.add_argument("--stage", type=stage, action="append", default=[], dest="stages",
+                        help="a later curriculum stage, STEPS:w,w,w,w,w (family mix); repeat for more, in order")
+    parser.add_argument("--snapshot-steps", type=ints, default=train.TrainConfig.snapshot_steps,
+                        help="steps at which to keep a small MXFP4 snapshot (e.g. each stage's end)")
     parser.add_argument("--heads", type=int, default=train.TrainConfig.heads, help="query heads (train.tiny_config)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-cell", type=int, default=50)
@@ -85,7 +94,7 @@ def main() -> None:
                            first_mix=args.first_mix if args.first_steps else (), first_steps=args.first_steps,
                            tied_init=args.tied_init,
                            effort_mix=args.effort_mix, seq_lens=args.seq_lens, lr=args.lr, seed=args.seed,
-                           heads=args.heads)
+                           heads=args.heads, stages=tuple(args.stages), snapshot_steps=args.snapshot_steps)
     t0 = time.perf_counter()
     model = train.train(args.out, tc, progress=sys.stderr.isatty())
     trained_s = time.perf_counter() - t0

@@ -533,6 +533,29 @@ def test_a_first_stage_draws_its_own_families():
         train.TrainConfig(first_mix=(0.5, 0.5), first_steps=5)
 
 
+def test_later_stages_follow_the_first_in_turn():
+    """``stages``: each (steps, mix) after the first stage, in order, then ``family_mix``; a stage's step count
+    and mix are checked like the others, and the stream before and after the stages is unchanged."""
+    count, lookup = (0.0, 0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 0.0, 1.0)
+    tc = train.TrainConfig(first_steps=2, stages=((3, count), (1, lookup)), batch=4, style="letters")
+    mixes = [tc.mix_at(step) for step in range(8)]
+    names = ["mix" if m == tc.mix else max(m, key=m.get) for m in mixes]
+    assert names == ["reverse", "reverse", "count", "count", "count", "lookup", "mix", "mix"]
+    tmap = TokenMap(data.vocabulary("letters"))
+    rows = tmap.to_o200k(train.make_batch(tmap, tc, 4)["tokens"])
+    texts = [harmony.decode([int(t) for t in row if t > 0]) for row in rows]
+    assert all("How many times does" in t for t in texts)
+    plain = dataclasses.replace(tc, stages=())
+    for step in (0, 7 + 3):  # the first stage, and the mixed stream: the same batches as without the stages
+        np.testing.assert_array_equal(train.make_batch(tmap, tc, step)["tokens"],
+                                      train.make_batch(tmap, plain, step)["tokens"])
+    for bad in ((0, count), (3, (0.5, 0.5)), (3,), (True, count)):
+        with pytest.raises(ValueError, match=r"stages\[0\]"):
+            train.TrainConfig(stages=(bad,))
+    # a saved run's configuration (lists, as JSON holds them) reads back equal
+    assert train._jsonable(tc)["stages"] == [[3, list(count)], [1, list(lookup)]]
+
+
 def test_tied_init_starts_the_unembedding_at_the_embedding(tmp_path):
     """``tied_init``: equal at step 0, separate parameters that training moves apart (each its own buffer: the
     step donates them)."""
