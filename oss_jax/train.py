@@ -65,7 +65,7 @@ def tiny_config(vocab_size: int, *, dense: bool = False, heads: int = 4) -> Conf
     config, so every code path, checkpoint format and tool works on it unchanged.
 
     ``heads``: query heads sharing the same 192 query dimensions (head width 192 / heads; key-value heads
-    half as many, as in gpt-oss's 64 : 8 grouping at small scale). More, narrower heads give more attention
+    half as many, as the bundled 4 : 2). More, narrower heads give more attention
     patterns at about the same cost (a pilot's question; the bundled models have 4).
     """
     experts, k, width = (1, 1, 4 * 128) if dense else (16, 4, 128)
