@@ -53,6 +53,14 @@ from oss_jax.vocab import TokenMap
 f32 = jnp.float32
 
 
+def _check_heads(heads: object, name: str = "heads") -> None:
+    """Query heads must be even (key-value heads are half as many) and split 192 dimensions into even widths
+    (RoPE rotates pairs)."""
+    if (isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 2 or heads % 2
+            or 192 % heads or (192 // heads) % 2):
+        raise ValueError(f"{name} must be even and split 192 query dimensions into even head widths, got {heads!r}")
+
+
 def tiny_config(vocab_size: int, *, dense: bool = False, heads: int = 4) -> Config:
     """The bundled model: every gpt-oss feature at small scale (about 4M parameters).
 
@@ -69,8 +77,7 @@ def tiny_config(vocab_size: int, *, dense: bool = False, heads: int = 4) -> Conf
     patterns at about the same cost (a pilot's question; the bundled models have 4).
     """
     experts, k, width = (1, 1, 4 * 128) if dense else (16, 4, 128)
-    if heads < 2 or heads % 2 or 192 % heads or (192 // heads) % 2:
-        raise ValueError(f"heads must be even and split 192 query dimensions into even head widths, got {heads}")
+    _check_heads(heads)
     return Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=width, num_hidden_layers=4,
                   num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=192 // heads,
                   num_experts=experts,
@@ -129,10 +136,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse counts that would train nothing (``steps=0`` would export an untrained model)."""
         for name, least in (("steps", 1), ("batch", 1), ("checkpoint_every", 1), ("log_every", 1), ("warmup", 0),
-                            ("first_steps", 0), ("heads", 2)):
+                            ("first_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {least}, got {value!r}")
+        _check_heads(self.heads, "TrainConfig.heads")
         if self.style not in data.STYLES:
             raise ValueError(f"TrainConfig.style must be one of {', '.join(data.STYLES)}, got {self.style!r}")
         if self.first_steps and not self.first_mix:
@@ -157,10 +165,8 @@ class TrainConfig:
     def mix_at(self, step: int) -> dict[str, float]:
         """The family mix of batch ``step``: ``first_mix`` for the first ``first_steps`` steps, then each of
         ``stages`` for its steps, then ``mix``."""
-        if step < self.first_steps:
-            return dict(zip(data.FAMILIES, self.first_mix, strict=True))
-        end = self.first_steps
-        for steps, mix in self.stages:
+        end = 0
+        for steps, mix in ((self.first_steps, self.first_mix), *self.stages):
             end += steps
             if step < end:
                 return dict(zip(data.FAMILIES, mix, strict=True))

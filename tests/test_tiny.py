@@ -578,7 +578,8 @@ def test_head_count_is_a_recipe_field():
     for bad in (3, 5, 10, 64):
         with pytest.raises(ValueError, match=f"got {bad}"):
             train.tiny_config(300, heads=bad)
-    with pytest.raises(ValueError, match="heads"):
-        train.TrainConfig(heads=0)
+    for bad in (0, 3, 5, True, 4.0):  # refused when the recipe is written, not when training builds the model
+        with pytest.raises(ValueError, match=rf"TrainConfig.heads .*got {bad!r}"):
+            train.TrainConfig(heads=bad)
     saved = {k: v for k, v in train._jsonable(train.TrainConfig()).items() if k != "heads"}
     assert train._with_added_fields(saved) == train._jsonable(train.TrainConfig())
