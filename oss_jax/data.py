@@ -80,10 +80,18 @@ ALL_FAMILIES = (*FAMILIES, *NEW_FAMILIES)
 # ("Kate 8 pears."), each counted animal after its position ("1 bird 2 frog"), the numbers to sort without
 # commas. In the letters style those copies need two tokens of key ("Kate has", "42 ,"), and in an animal list
 # with repeats one is ambiguous.
-STYLES = ("v1", "echo", "letters", "keyed")
+# "named" (session 17): the letters style, except the look-ups. o200k writes a space before a number as a token of its
+# own ("Kate has 8" -> "Kate", " has", " ", "8"), so the token before any count is " " and the copy of a count
+# needs a key three tokens long. Here the count is a word right after the name ("Kate eight pears." -> " Kate",
+# " eight"), a one-token key as in the reversals' "2 p"; the question comes first, so that every name has its
+# leading space; the analysis echoes the question's end ("does Kate have? Kate eight pears.") and the final answer
+# is the digit.
+STYLES = ("v1", "echo", "letters", "keyed", "named")
 STYLE = "letters"  # the default everywhere: the style the bundled models were trained in
-ECHO_STYLES = ("echo", "letters", "keyed")  # the styles that write the echo traces
+ECHO_STYLES = ("echo", "letters", "keyed", "named")  # the styles that write the echo traces
+LETTER_STYLES = ("letters", "keyed", "named")  # reverse asks for random letters (and the vocabulary has them)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")  # style "named"
 
 WORDS = ("apple", "bread", "cloud", "dance", "eagle", "flame", "grape", "house", "island", "jelly",
          "kite", "lemon", "mango", "night", "ocean", "piano", "queen", "river", "stone", "tiger",
@@ -158,7 +166,7 @@ def _sort(rng: np.random.Generator, style: str = STYLE):
 
 
 def _reverse(rng: np.random.Generator, style: str = STYLE):
-    if style in ("letters", "keyed"):
+    if style in LETTER_STYLES:
         word = "".join(LETTERS[int(i)] for i in rng.choice(len(LETTERS), int(rng.integers(3, 8)), replace=False))
     else:
         word = WORDS[int(rng.integers(len(WORDS)))]
@@ -204,13 +212,19 @@ def _lookup(rng: np.random.Generator, style: str = STYLE):
     counts = [int(c) for c in rng.integers(1, 10, n)]
     j = int(rng.integers(n))
     facts = " ".join(f"{p} has {c} {it}." for p, c, it in zip(names, counts, items, strict=True))
-    if style == "keyed":  # the count right after the name: a one-token key
+    if style == "keyed":  # the count right after the name
         facts = " ".join(f"{p} {c} {it}." for p, c, it in zip(names, counts, items, strict=True))
     q = f"{facts} How many {items[j]} does {names[j]} have?"
+    if style == "named":  # the count a word right after the name, the question first: one-token keys
+        facts = " ".join(f"{p} {COUNT_WORDS[c]} {it}." for p, c, it in zip(names, counts, items, strict=True))
+        q = f"How many {items[j]} does {names[j]} have? {facts}"
     high = f"The question asks about {names[j]} and {items[j]}. {names[j]} has {counts[j]} {items[j]}. " \
            f"So the answer is {counts[j]}."
     medium = f"{names[j]} has {counts[j]}."
-    if style == "keyed":
+    if style == "named":
+        medium = f"So {names[j]} {COUNT_WORDS[counts[j]]}."
+        high = f"does {names[j]} have? {names[j]} {COUNT_WORDS[counts[j]]} {items[j]}. So the answer is {counts[j]}."
+    elif style == "keyed":
         high = f"How many {items[j]} does {names[j]} have? {names[j]} {counts[j]} {items[j]}. " \
                f"So the answer is {counts[j]}."
     elif style in ECHO_STYLES:
@@ -337,7 +351,7 @@ def _vocabulary(style: str) -> tuple[int, ...]:
     for n in range(1000):
         ids.update(harmony.render(f"What is {n} + {n}?", "low"))
         ids.update(harmony.encode(f"Sort these numbers from smallest to largest: {n}, {n}."))
-    for w in (*WORDS, *ANIMALS, *NAMES, *ITEMS, *(LETTERS if style in ("letters", "keyed") else ())):
+    for w in (*WORDS, *ANIMALS, *NAMES, *ITEMS, *(LETTERS if style in LETTER_STYLES else ())):
         for text in (w, f" {w}", f"{w}.", f" {w}.", f"{w}?", f" {w}?", " ".join(w)):
             ids.update(harmony.encode(text))
     for effort in EFFORTS:

@@ -120,7 +120,7 @@ def test_evaluate_asks_the_new_family():
     (cell,) = evaluate.evaluate(model, per_cell=2, families=("reverse",), efforts=("low",), keep_examples=2, style="v1")
     assert all("".join(ex["question"].removeprefix("Reverse the letters: ").split()) in data.WORDS
                for ex in cell.examples)
-    with pytest.raises(ValueError, match=r"^unknown trace style 'v3': use v1, echo, letters, keyed$"):
+    with pytest.raises(ValueError, match=r"^unknown trace style 'v3': use v1, echo, letters, keyed, named$"):
         evaluate.evaluate(model, per_cell=1, style="v3")
     model.token_map = TokenMap(model.token_map.o200k[1:])
     assert evaluate.trained_style(model) == "v1"
@@ -583,3 +583,37 @@ def test_head_count_is_a_recipe_field():
             train.TrainConfig(heads=bad)
     saved = {k: v for k, v in train._jsonable(train.TrainConfig()).items() if k != "heads"}
     assert train._with_added_fields(saved) == train._jsonable(train.TrainConfig())
+
+
+def test_named_style_gives_each_lookup_count_a_one_token_key():
+    """The "named" style (session 17): the letters style but the look-ups, whose count is a word right after the
+    name ("Kate eight pears."), the question first. In o200k a number after a space is the tokens " " and "8",
+    so in the letters style the count's one-token key is " " (every count has it). Here the name's token is
+    followed by the count's word once in the question and by no other count word; every name has its leading
+    space (no "Kate" at a message's start). Same keys, answers and split as letters; everything round-trips."""
+    named_map = TokenMap(data.vocabulary("named"))
+    words = {harmony.encode(f" {w}")[0] for w in data.COUNT_WORDS}
+    for i in range(100):
+        for family in data.FAMILIES:
+            for effort in data.EFFORTS:
+                named, letters = (data.make(family, effort, np.random.default_rng([i, 10]), style=s)
+                                  for s in ("named", "letters"))
+                prompt, completion = data.tokens(named)
+                ids = prompt + completion
+                np.testing.assert_array_equal(named_map.to_o200k(named_map.to_model(ids, strict=True)), ids)
+                if family != "lookup":
+                    assert named == dataclasses.replace(letters, style="named")
+                    continue
+                assert named.key == letters.key and named.final == letters.final
+                if effort == "low":
+                    continue
+                n = len(named.key) // 3
+                name, count = named.key[named.key[-1]], named.key[2 * n + named.key[-1]]
+                name_id, word_id = harmony.encode(f" {name}")[0], harmony.encode(f" {data.COUNT_WORDS[count]}")[0]
+                copy = completion.index(word_id)  # the analysis' first count word: the copy
+                assert ids[len(prompt) + copy - 1] == name_id
+                before = ids[:len(prompt) + copy - 1]
+                after_name = [before[k + 1] for k in range(len(before) - 1) if before[k] == name_id]
+                assert after_name.count(word_id) == 1 and len(words & set(after_name)) == 1
+                for text in (named.question, named.analysis):  # the name always has its space (one token)
+                    assert text.count(name) == text.count(f" {name}") > 0
