@@ -78,14 +78,14 @@ ALL_FAMILIES = (*FAMILIES, *NEW_FAMILIES)
 # "keyed" (session 15's pilot D, tiny_recipe_pilots.md): the letters style, with the questions rewritten so that
 # every token a trace copies follows a one-token key in the question: each fact's count right after the name
 # ("Kate 8 pears."), each counted animal after its position ("1 bird 2 frog"), the numbers to sort without
-# commas. In the letters style those copies need two tokens of key ("Kate has", "42 ,"), and in an animal list
-# with repeats one is ambiguous.
+# commas. Only the animal list got its one-token keys: o200k writes a space before a number as a token of its own
+# (session 17), so keyed's counts and sorted numbers still follow " ", as in the letters style.
 # "named" (session 17): the letters style, except the look-ups. o200k writes a space before a number as a token of its
 # own ("Kate has 8" -> "Kate", " has", " ", "8"), so the token before any count is " " and the copy of a count
 # needs a key three tokens long. Here the count is a word right after the name ("Kate eight pears." -> " Kate",
 # " eight"), a one-token key as in the reversals' "2 p"; the question comes first, so that every name has its
 # leading space; the analysis echoes the question's end ("does Kate have? Kate eight pears.") and the final answer
-# is the digit.
+# is the digit. It did not help the look-ups (60% alone, 40% in pilot J; tiny_recipe_pilots.md).
 STYLES = ("v1", "echo", "letters", "keyed", "named")
 STYLE = "letters"  # the default everywhere: the style the bundled models were trained in
 ECHO_STYLES = ("echo", "letters", "keyed", "named")  # the styles that write the echo traces
