@@ -16,7 +16,7 @@ from oss_jax.checkpoint import CheckpointError
 DIM, RESET = "\033[2m", "\033[0m"
 # oss_jax.data's names, spelled out so that the parser is built without importing it (tests check they agree)
 FAMILIES, EFFORTS, STYLES = ("add", "sort", "reverse", "count", "lookup", "sub"), ("low", "medium", "high"), \
-    ("v1", "echo", "letters", "keyed", "named")
+    ("v1", "echo", "letters", "keyed", "named", "lined")
 INT32 = 2**31
 
 

@@ -86,10 +86,10 @@ ALL_FAMILIES = (*FAMILIES, *NEW_FAMILIES)
 # " eight"), a one-token key as in the reversals' "2 p"; the question comes first, so that every name has its
 # leading space; the analysis echoes the question's end ("does Kate have? Kate eight pears.") and the final answer
 # is the digit. It did not help the look-ups (60% alone, 40% in pilot J; tiny_recipe_pilots.md).
-STYLES = ("v1", "echo", "letters", "keyed", "named")
+STYLES = ("v1", "echo", "letters", "keyed", "named", "lined")
 STYLE = "letters"  # the default everywhere: the style the bundled models were trained in
-ECHO_STYLES = ("echo", "letters", "keyed", "named")  # the styles that write the echo traces
-LETTER_STYLES = ("letters", "keyed", "named")  # reverse asks for random letters (and the vocabulary has them)
+ECHO_STYLES = ("echo", "letters", "keyed", "named", "lined")  # the styles that write the echo traces
+LETTER_STYLES = ("letters", "keyed", "named", "lined")  # reverse asks for random letters (and the vocabulary has them)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")  # style "named"
 
@@ -211,26 +211,28 @@ def _lookup(rng: np.random.Generator, style: str = STYLE):
     items = [ITEMS[int(i)] for i in rng.choice(len(ITEMS), n, replace=False)]
     counts = [int(c) for c in rng.integers(1, 10, n)]
     j = int(rng.integers(n))
-    facts = " ".join(f"{p} has {c} {it}." for p, c, it in zip(names, counts, items, strict=True))
-    if style == "keyed":  # the count right after the name
-        facts = " ".join(f"{p} {c} {it}." for p, c, it in zip(names, counts, items, strict=True))
-    q = f"{facts} How many {items[j]} does {names[j]} have?"
-    if style == "named":  # the count a word right after the name, the question first: one-token keys
-        facts = " ".join(f"{p} {COUNT_WORDS[c]} {it}." for p, c, it in zip(names, counts, items, strict=True))
-        q = f"How many {items[j]} does {names[j]} have? {facts}"
-    high = f"The question asks about {names[j]} and {items[j]}. {names[j]} has {counts[j]} {items[j]}. " \
-           f"So the answer is {counts[j]}."
-    medium = f"{names[j]} has {counts[j]}."
-    if style == "named":
-        medium = f"So {names[j]} {COUNT_WORDS[counts[j]]}."
-        high = f"does {names[j]} have? {names[j]} {COUNT_WORDS[counts[j]]} {items[j]}. So the answer is {counts[j]}."
-    elif style == "keyed":
-        high = f"How many {items[j]} does {names[j]} have? {names[j]} {counts[j]} {items[j]}. " \
-               f"So the answer is {counts[j]}."
-    elif style in ECHO_STYLES:
-        high = f"How many {items[j]} does {names[j]} have? {names[j]} has {counts[j]} {items[j]}. " \
-               f"So the answer is {counts[j]}."
-    return (*names, *items, *counts, j), q, {"low": "", "medium": medium, "high": high}, str(counts[j])
+    name, item, count = names[j], items[j], counts[j]
+    answer = f"So the answer is {count}."
+    medium = f"{name} has {count}."
+    if style in ("named", "lined"):  # each count a word right after the name: "Kate eight pears."
+        facts = [f"{p} {COUNT_WORDS[c]} {it}." for p, c, it in zip(names, counts, items, strict=True)]
+        word = COUNT_WORDS[count]
+    if style == "named":  # the question first, so that every name keeps its leading space
+        q = f"How many {item} does {name} have? " + " ".join(facts)
+        medium = f"So {name} {word}."
+        high = f"does {name} have? {name} {word} {item}. {answer}"
+    elif style == "lined":  # one fact a line: a name starting a line is its other o200k token ("Kate", not " Kate")
+        q = f"How many {item} does {name} have?\n" + "\n".join(facts)
+        medium = f"{name} {word}."
+        high = f"{name} {word} {item}. {answer}"
+    else:
+        has = "" if style == "keyed" else " has"  # keyed: the count right after the name
+        q = " ".join(f"{p}{has} {c} {it}." for p, c, it in zip(names, counts, items, strict=True)) + \
+            f" How many {item} does {name} have?"
+        high = f"The question asks about {name} and {item}. {name} has {count} {item}. {answer}"
+        if style in ECHO_STYLES:
+            high = f"How many {item} does {name} have? {name}{has} {count} {item}. {answer}"
+    return (*names, *items, *counts, j), q, {"low": "", "medium": medium, "high": high}, str(count)
 
 
 def _sub(rng: np.random.Generator, style: str = STYLE):

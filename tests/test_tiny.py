@@ -617,3 +617,34 @@ def test_named_style_gives_each_lookup_count_a_one_token_key():
                 assert after_name.count(word_id) == 1 and len(words & set(after_name)) == 1
                 for text in (named.question, named.analysis):  # the name always has its space (one token)
                     assert text.count(name) == text.count(f" {name}") > 0
+
+
+def test_lined_style_gives_each_lookup_count_a_key_seen_once():
+    """The "lined" style (session 18): the letters style but the look-ups, one fact a line ("\\nKate eight pears.").
+    A name at a line's start is o200k's token without the space ("Kate"; "Gina" is "G", "ina"), the question's
+    name keeps it (" Kate"), so the token before the analysis' count word occurs once before it, in its fact,
+    followed by that word: the copy's key is unique, as in the reversals' "2 p". Same keys, answers and split as
+    letters; everything round-trips through the style's token map."""
+    lined_map = TokenMap(data.vocabulary("lined"))
+    for i in range(100):
+        for family in data.FAMILIES:
+            for effort in data.EFFORTS:
+                lined, letters = (data.make(family, effort, np.random.default_rng([i, 11]), style=s)
+                                  for s in ("lined", "letters"))
+                prompt, completion = data.tokens(lined)
+                ids = prompt + completion
+                np.testing.assert_array_equal(lined_map.to_o200k(lined_map.to_model(ids, strict=True)), ids)
+                if family != "lookup":
+                    assert lined == dataclasses.replace(letters, style="lined")
+                    continue
+                assert lined.key == letters.key and lined.final == letters.final
+                if effort == "low":
+                    continue
+                n = len(lined.key) // 3
+                name, count = lined.key[lined.key[-1]], lined.key[2 * n + lined.key[-1]]
+                word_id = harmony.encode(f" {data.COUNT_WORDS[count]}")[0]
+                copy = len(prompt) + completion.index(word_id)  # the analysis' first count word: the copy
+                key = ids[copy - 1]
+                assert key == harmony.encode(name)[-1] != harmony.encode(f" {name}")[0]
+                assert [ids[k + 1] for k in range(copy - 1) if ids[k] == key] == [word_id]
+                assert "have?\n" in lined.question and lined.question.count(f"\n{name} ") == 1
