@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--first-steps", type=int, default=train.TrainConfig.first_steps,
                         help="steps of the first stage (0: none)")
     parser.add_argument("--tied-init", action="store_true", help="the unembedding starts equal to the embedding")
+    parser.add_argument("--prev-head", action="store_true", help="layer 0's first head starts on the previous token")
     parser.add_argument("--effort-mix", type=floats, default=train.TrainConfig.effort_mix)
     parser.add_argument("--seq-lens", type=ints, default=train.TrainConfig.seq_lens)
     parser.add_argument("--lr", type=float, default=train.TrainConfig.lr)
@@ -92,7 +93,7 @@ def main() -> None:
 
     tc = train.TrainConfig(steps=args.steps, style=args.style, family_mix=args.family_mix,
                            first_mix=args.first_mix if args.first_steps else (), first_steps=args.first_steps,
-                           tied_init=args.tied_init,
+                           tied_init=args.tied_init, prev_head=args.prev_head,
                            effort_mix=args.effort_mix, seq_lens=args.seq_lens, lr=args.lr, seed=args.seed,
                            heads=args.heads, stages=tuple(args.stages), snapshot_steps=args.snapshot_steps)
     t0 = time.perf_counter()

@@ -120,7 +120,7 @@ def test_evaluate_asks_the_new_family():
     (cell,) = evaluate.evaluate(model, per_cell=2, families=("reverse",), efforts=("low",), keep_examples=2, style="v1")
     assert all("".join(ex["question"].removeprefix("Reverse the letters: ").split()) in data.WORDS
                for ex in cell.examples)
-    with pytest.raises(ValueError, match=r"^unknown trace style 'v3': use v1, echo, letters, keyed, named$"):
+    with pytest.raises(ValueError, match=r"^unknown trace style 'v3': use v1, echo, letters, keyed, named, lined$"):
         evaluate.evaluate(model, per_cell=1, style="v3")
     model.token_map = TokenMap(model.token_map.o200k[1:])
     assert evaluate.trained_style(model) == "v1"
@@ -648,3 +648,26 @@ def test_lined_style_gives_each_lookup_count_a_key_seen_once():
                 assert key == harmony.encode(name)[-1] != harmony.encode(f" {name}")[0]
                 assert [ids[k + 1] for k in range(copy - 1) if ids[k] == key] == [word_id]
                 assert "have?\n" in lined.question and lined.question.count(f"\n{name} ") == 1
+
+
+def test_previous_token_head_attends_to_the_previous_token_from_step_0():
+    """``prev_head`` (session 18): layer 0's query head 0 starts as a previous-token head (its query and key
+    biases, whatever the tokens), every other weight as without it; a run saved before the field existed reads
+    as False."""
+    cfg = train.tiny_config(300)
+    built, plain = train.init_model(cfg, 1, prev_head=True), train.init_model(cfg, 1)
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 120)).astype(np.int32)
+
+    def on_previous(model):  # [L, N]: mean attention on the previous token
+        a = trace(model, tokens, router=False, sinks=False, residual=False, attention_window=(0, 120),
+                  next_token=False).attention  # [L, B, T, N, W]
+        return np.mean([a[:, :, t, :, t - 1] for t in range(1, 120)], axis=(0, 2))
+
+    assert on_previous(built)[0, 0] > 0.9
+    assert on_previous(plain).max() < 0.2 and np.delete(on_previous(built).ravel(), 0).max() < 0.2
+    a_state, b_state = (dict(nnx.to_flat_state(nnx.state(m, nnx.Param))) for m in (built, plain))
+    differ = sorted(str(k) for k in a_state if not np.array_equal(a_state[k].get_value(), b_state[k].get_value()))
+    assert len(differ) == 2 and all("layers" in k and "0" in k and ("bq_NH" in k or "bk_KH" in k) for k in differ)
+    assert not train.TrainConfig().prev_head
+    saved = {k: v for k, v in train._jsonable(train.TrainConfig()).items() if k != "prev_head"}
+    assert train._with_added_fields(saved) == train._jsonable(train.TrainConfig())
