@@ -585,38 +585,50 @@ def test_head_count_is_a_recipe_field():
     assert train._with_added_fields(saved) == train._jsonable(train.TrainConfig())
 
 
+def _lookups_against_letters(style: str, seed: int):
+    """Every family at every effort in ``style``, checked against the letters style: each conversation
+    round-trips through the style's token map, every family but the look-ups is written as in letters, and
+    the look-ups keep letters' keys and answers. Yields ``(example, prompt, completion, name, count)`` for
+    each look-up at medium and high effort."""
+    tmap = TokenMap(data.vocabulary(style))
+    yielded = 0
+    for i in range(100):
+        for family in data.FAMILIES:
+            for effort in data.EFFORTS:
+                ex, letters = (data.make(family, effort, np.random.default_rng([i, seed]), style=s)
+                               for s in (style, "letters"))
+                prompt, completion = data.tokens(ex)
+                ids = prompt + completion
+                np.testing.assert_array_equal(tmap.to_o200k(tmap.to_model(ids, strict=True)), ids)
+                if family != "lookup":
+                    assert ex == dataclasses.replace(letters, style=style)
+                    continue
+                assert ex.key == letters.key and ex.final == letters.final
+                if effort == "low":
+                    continue
+                n = len(ex.key) // 3
+                yielded += 1
+                yield ex, prompt, completion, ex.key[ex.key[-1]], ex.key[2 * n + ex.key[-1]]
+    assert yielded == 200  # 100 seeds x medium and high
+
+
 def test_named_style_gives_each_lookup_count_a_one_token_key():
     """The "named" style (session 17): the letters style but the look-ups, whose count is a word right after the
     name ("Kate eight pears."), the question first. In o200k a number after a space is the tokens " " and "8",
     so in the letters style the count's one-token key is " " (every count has it). Here the name's token is
     followed by the count's word once in the question and by no other count word; every name has its leading
     space (no "Kate" at a message's start). Same keys, answers and split as letters; everything round-trips."""
-    named_map = TokenMap(data.vocabulary("named"))
     words = {harmony.encode(f" {w}")[0] for w in data.COUNT_WORDS}
-    for i in range(100):
-        for family in data.FAMILIES:
-            for effort in data.EFFORTS:
-                named, letters = (data.make(family, effort, np.random.default_rng([i, 10]), style=s)
-                                  for s in ("named", "letters"))
-                prompt, completion = data.tokens(named)
-                ids = prompt + completion
-                np.testing.assert_array_equal(named_map.to_o200k(named_map.to_model(ids, strict=True)), ids)
-                if family != "lookup":
-                    assert named == dataclasses.replace(letters, style="named")
-                    continue
-                assert named.key == letters.key and named.final == letters.final
-                if effort == "low":
-                    continue
-                n = len(named.key) // 3
-                name, count = named.key[named.key[-1]], named.key[2 * n + named.key[-1]]
-                name_id, word_id = harmony.encode(f" {name}")[0], harmony.encode(f" {data.COUNT_WORDS[count]}")[0]
-                copy = completion.index(word_id)  # the analysis' first count word: the copy
-                assert ids[len(prompt) + copy - 1] == name_id
-                before = ids[:len(prompt) + copy - 1]
-                after_name = [before[k + 1] for k in range(len(before) - 1) if before[k] == name_id]
-                assert after_name.count(word_id) == 1 and len(words & set(after_name)) == 1
-                for text in (named.question, named.analysis):  # the name always has its space (one token)
-                    assert text.count(name) == text.count(f" {name}") > 0
+    for named, prompt, completion, name, count in _lookups_against_letters("named", 10):
+        ids = prompt + completion
+        name_id, word_id = harmony.encode(f" {name}")[0], harmony.encode(f" {data.COUNT_WORDS[count]}")[0]
+        copy = completion.index(word_id)  # the analysis' first count word: the copy
+        assert ids[len(prompt) + copy - 1] == name_id
+        before = ids[:len(prompt) + copy - 1]
+        after_name = [before[k + 1] for k in range(len(before) - 1) if before[k] == name_id]
+        assert after_name.count(word_id) == 1 and len(words & set(after_name)) == 1
+        for text in (named.question, named.analysis):  # the name always has its space (one token)
+            assert text.count(name) == text.count(f" {name}") > 0
 
 
 def test_lined_style_gives_each_lookup_count_a_key_seen_once():
@@ -625,29 +637,14 @@ def test_lined_style_gives_each_lookup_count_a_key_seen_once():
     name keeps it (" Kate"), so the token before the analysis' count word occurs once before it, in its fact,
     followed by that word: the copy's key is unique, as in the reversals' "2 p". Same keys, answers and split as
     letters; everything round-trips through the style's token map."""
-    lined_map = TokenMap(data.vocabulary("lined"))
-    for i in range(100):
-        for family in data.FAMILIES:
-            for effort in data.EFFORTS:
-                lined, letters = (data.make(family, effort, np.random.default_rng([i, 11]), style=s)
-                                  for s in ("lined", "letters"))
-                prompt, completion = data.tokens(lined)
-                ids = prompt + completion
-                np.testing.assert_array_equal(lined_map.to_o200k(lined_map.to_model(ids, strict=True)), ids)
-                if family != "lookup":
-                    assert lined == dataclasses.replace(letters, style="lined")
-                    continue
-                assert lined.key == letters.key and lined.final == letters.final
-                if effort == "low":
-                    continue
-                n = len(lined.key) // 3
-                name, count = lined.key[lined.key[-1]], lined.key[2 * n + lined.key[-1]]
-                word_id = harmony.encode(f" {data.COUNT_WORDS[count]}")[0]
-                copy = len(prompt) + completion.index(word_id)  # the analysis' first count word: the copy
-                key = ids[copy - 1]
-                assert key == harmony.encode(name)[-1] != harmony.encode(f" {name}")[0]
-                assert [ids[k + 1] for k in range(copy - 1) if ids[k] == key] == [word_id]
-                assert "have?\n" in lined.question and lined.question.count(f"\n{name} ") == 1
+    for lined, prompt, completion, name, count in _lookups_against_letters("lined", 11):
+        ids = prompt + completion
+        word_id = harmony.encode(f" {data.COUNT_WORDS[count]}")[0]
+        copy = len(prompt) + completion.index(word_id)  # the analysis' first count word: the copy
+        key = ids[copy - 1]
+        assert key == harmony.encode(name)[-1] != harmony.encode(f" {name}")[0]
+        assert [ids[k + 1] for k in range(copy - 1) if ids[k] == key] == [word_id]
+        assert "have?\n" in lined.question and lined.question.count(f"\n{name} ") == 1
 
 
 def test_previous_token_head_attends_to_the_previous_token_from_step_0():
