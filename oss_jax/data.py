@@ -86,12 +86,16 @@ ALL_FAMILIES = (*FAMILIES, *NEW_FAMILIES)
 # " eight"), a one-token key as in the reversals' "2 p"; the question comes first, so that every name has its
 # leading space; the analysis echoes the question's end ("does Kate have? Kate eight pears.") and the final answer
 # is the digit. It did not help the look-ups (60% alone, 40% in pilot J; tiny_recipe_pilots.md).
+# "lined" (session 18): as named, but one look-up fact a line ("...have?\nKate eight pears.\nDan six keys."). A name
+# starting a line is o200k's token without the space ("Kate"; the question keeps " Kate"), so the token before the
+# analysis' count word ("Kate eight pears. So the answer is 8.") occurs once before it, in its own fact: a unique
+# key. Alone it did not help either (65%); with TrainConfig.prev_head the look-ups reach 85% alone.
 STYLES = ("v1", "echo", "letters", "keyed", "named", "lined")
 STYLE = "letters"  # the default everywhere: the style the bundled models were trained in
 ECHO_STYLES = ("echo", "letters", "keyed", "named", "lined")  # the styles that write the echo traces
 LETTER_STYLES = ("letters", "keyed", "named", "lined")  # reverse asks for random letters (and the vocabulary has them)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")  # style "named"
+COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")  # named, lined
 
 WORDS = ("apple", "bread", "cloud", "dance", "eagle", "flame", "grape", "house", "island", "jelly",
          "kite", "lemon", "mango", "night", "ocean", "piano", "queen", "river", "stone", "tiger",
